@@ -1,0 +1,134 @@
+"""The ``fcnseg`` command: fetch data, evaluate, predict, manage the model registry, import published weights.
+
+Training is Hydra's: ``python -m fcnseg.train …`` (or ``fcnseg-train``); the pipeline is DVC's: ``dvc repro``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from fcnseg.cli_errors import exit_on_user_error
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
+
+
+def command(name: str, help: str):
+    """Registers ``run(args)`` as a subcommand; ``configure(parser)`` is the function's ``configure`` attribute."""
+
+    def decorate(run):
+        COMMANDS[name] = (help, run.configure, run)
+        return run
+
+    return decorate
+
+
+def _configure(configure: Callable[[argparse.ArgumentParser], None]):
+    def attach(run):
+        run.configure = configure
+        return run
+
+    return attach
+
+
+def _fetch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default="data", help="where downloads/ and VOCdevkit/ go (default: data)")
+    p.add_argument("--tarball", help="a VOCtrainval_11-May-2012.tar you already have (verified, then used)")
+    p.add_argument("--sbd", action="store_true", help="also fetch SBD for the paper's train_aug split")
+    p.add_argument("--sbd-tarball", help="a benchmark.tgz you already have")
+
+
+@command("fetch", "download (mirrors, resume, MD5) and extract PASCAL VOC 2012 (+SBD)")
+@_configure(_fetch_args)
+def fetch(args: argparse.Namespace) -> None:
+    from fcnseg.data.prepare import prepare_voc
+
+    root = prepare_voc(args.data_dir, tarball=args.tarball, sbd=args.sbd, sbd_tarball=args.sbd_tarball)
+    print(f"VOC ready at {root}")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, a .ckpt, or a pytorch-fcn .pth")
+    p.add_argument("--data", required=True, help="a VOC-layout directory (the VOC2012 folder)")
+    p.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt (default: val)")
+    p.add_argument("--out", default="evaluation", help="where metrics.json and plots go (default: evaluation)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--num-overlays", type=int, default=8)
+
+
+@command("evaluate", "the paper's four metrics and per-class IoU of a model on a VOC-layout split")
+@_configure(_evaluate_args)
+def evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from fcnseg.evaluate import evaluate_segmenter, print_report, write_reports
+    from fcnseg.inference import load_segmenter
+
+    segmenter = load_segmenter(args.model, device=args.device)
+    report = evaluate_segmenter(segmenter, args.data, args.split, num_overlays=args.num_overlays, progress=True)
+    out = Path(args.out)
+    write_reports(report, out / "metrics.json", out)
+    print_report(report)
+    print(f"wrote {out / 'metrics.json'}, {out / 'confusion_matrix.png'}, {out / 'per_class_iou.png'}")
+
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="registered model name, e.g. fcn-voc")
+    p.add_argument("version", help="the version to make champion")
+    p.add_argument("--force", action="store_true", help="promote even if not better or on other data")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db")
+
+
+@command("promote", "move the 'champion' alias to a version if it beats the champion on the same data")
+@_configure(_promote_args)
+def promote(args: argparse.Namespace) -> None:
+    from fcnseg import registry
+    from fcnseg.tracking import resolve_tracking_uri
+
+    client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
+    decision = registry.promote(args.name, args.version, force=args.force, client=client)
+    print(decision.summary())
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", default="fcn-voc")
+    p.add_argument("--tracking-uri")
+
+
+@command("models", "list a registered model's versions, aliases and val mean IoU")
+@_configure(_models_args)
+def models(args: argparse.Namespace) -> None:
+    from fcnseg import registry
+    from fcnseg.tracking import resolve_tracking_uri
+
+    client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
+    rows = registry.list_versions(args.name, client=client)
+    print(f"{'version':>7}  {'aliases':<20}  {'val mIoU':>8}  data version")
+    for row in rows:
+        iou = row.get("val_mean_iou")
+        print(f"{row['version']:>7}  {','.join(row.get('aliases', [])):<20}  "
+              f"{'' if iou is None else f'{float(iou):.4f}':>8}  {row.get('data_version') or ''}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fcnseg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, configure, run) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        configure(sub_parser)
+        sub_parser.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    with exit_on_user_error():
+        args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Turning user errors into one clear line (``error: …``, exit status 2) instead of a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from fcnseg.errors import FcnsegError
+
+USER_ERROR_EXIT = 2
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(USER_ERROR_EXIT)
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    try:
+        yield
+    except FcnsegError as exc:
+        fail(str(exc))
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra's multi-line message folded into one line, without the config search path dump."""
+    lines = []
+    for line in str(exc).splitlines():
+        if line.strip().startswith("Config search path"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines) if lines else type(exc).__name__
+
+
+def precheck_overrides(config_dir: str, config_name: str, argv: list[str] | None = None) -> None:
+    """Composes the config once before Hydra runs, so a malformed or unknown override ends in one line.
+
+    Hydra's own report spans several lines (search path, hint to set HYDRA_FULL_ERROR); users need the one
+    that says what was wrong. Sweeps (-m) are checked for syntax only; Hydra flags are left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = sys.argv[1:] if argv is None else argv
+    if any(arg in ("--help", "-h", "--hydra-help", "--info", "-i") for arg in args):
+        return
+    multirun = any(arg in ("-m", "--multirun") for arg in args)
+    overrides = [arg for arg in args if not arg.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        if multirun or any(o.is_sweep_override() for o in parsed):
+            return
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            compose(config_name=config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        fail(f"invalid override in {' '.join(overrides) or '(none)'}: {_one_line(exc)}; "
+             f"see `python -m fcnseg.train --help` for the config groups and keys")

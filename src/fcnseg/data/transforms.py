@@ -1,0 +1,121 @@
+"""Albumentations pipelines: training augmentation and whole-image evaluation.
+
+Both take ``image=`` (uint8 HxWx3 RGB) and ``mask=`` (uint8 HxW class indices) and return a dict with ``image``
+(float32 tensor 3xHxW, normalised for the backbone) and ``mask`` (int64 tensor HxW, 255 = void).
+"""
+
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # importing albumentations otherwise asks PyPI for updates
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fcnseg.data.classes import IGNORE_INDEX  # noqa: E402
+from fcnseg.errors import ConfigError  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How pixels are fed to the backbone: ``(pixel / max_pixel_value - mean) / std`` per channel, in channel order
+    RGB, or BGR when ``bgr`` (``mean`` and ``std`` are given in that same order)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_pixel_value: float
+    bgr: bool
+
+
+NORMALIZATIONS: dict[str, Normalization] = {
+    # torchvision's ImageNet weights: RGB in [0, 1], ImageNet mean/std.
+    "imagenet": Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), max_pixel_value=255.0, bgr=False),
+    # Caffe-converted weights (the paper's VGG16 / FCN nets): BGR, 0-255, mean subtraction only.
+    "caffe": Normalization(
+        mean=(104.00698793, 116.66876762, 122.67891434), std=(1.0, 1.0, 1.0), max_pixel_value=1.0, bgr=True
+    ),
+}
+
+
+def get_normalization(name: str) -> Normalization:
+    try:
+        return NORMALIZATIONS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown normalization {name!r}; set model.normalization to one of {sorted(NORMALIZATIONS)}"
+        ) from None
+
+
+# Module-level functions (not lambdas) so the pipelines pickle into DataLoader worker processes.
+def _rgb_to_bgr(image: np.ndarray, **_: object) -> np.ndarray:
+    return np.ascontiguousarray(image[..., ::-1])
+
+
+def _mask_to_long(mask: torch.Tensor, **_: object) -> torch.Tensor:
+    return mask.long()  # albumentations keeps masks uint8; the loss wants int64 targets
+
+
+def _normalize_steps(normalization: str) -> list[A.BasicTransform]:
+    norm = get_normalization(normalization)
+    steps: list[A.BasicTransform] = [A.Lambda(image=_rgb_to_bgr, name="rgb_to_bgr")] if norm.bgr else []
+    steps.append(A.Normalize(mean=norm.mean, std=norm.std, max_pixel_value=norm.max_pixel_value))
+    return steps
+
+
+def _to_tensor_steps() -> list[A.BasicTransform]:
+    return [A.ToTensorV2(), A.Lambda(mask=_mask_to_long, name="mask_to_long")]
+
+
+def build_train_transform(
+    crop_size: int,
+    scale_min: float = 0.5,
+    scale_max: float = 2.0,
+    hflip: bool = True,
+    color_jitter: float = 0.0,
+    normalization: str = "imagenet",
+    seed: int | None = None,
+) -> A.Compose:
+    """Random scale, flip and colour jitter, normalise, pad to ``crop_size`` (image 0, mask 255), random crop.
+
+    Padding comes after normalisation so padded pixels are 0 in the network's input space (like the batch padding
+    of the validation loader) and void in the mask, so loss and metrics ignore them.
+    """
+    if not 0 < scale_min <= scale_max:
+        raise ConfigError(f"train_transform needs 0 < scale_min <= scale_max, got {scale_min} and {scale_max}")
+    steps: list[A.BasicTransform] = [
+        A.RandomScale(
+            scale_limit=(scale_min - 1.0, scale_max - 1.0),
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,  # labels are indices: never blend them
+            p=1.0,
+        )
+    ]
+    if hflip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if color_jitter > 0:
+        steps.append(A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0))
+    steps += _normalize_steps(normalization)
+    steps += [
+        A.PadIfNeeded(
+            min_height=crop_size,
+            min_width=crop_size,
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=IGNORE_INDEX,
+        ),
+        A.RandomCrop(height=crop_size, width=crop_size),
+    ]
+    steps += _to_tensor_steps()
+    return A.Compose(steps, strict=True, seed=seed)
+
+
+def build_eval_transform(normalization: str = "imagenet") -> A.Compose:
+    """The whole image at its own size: normalise and convert to tensors."""
+    return A.Compose(_normalize_steps(normalization) + _to_tensor_steps(), strict=True)
+
+
+def normalize_image(image: np.ndarray, normalization: str = "imagenet") -> torch.Tensor:
+    """uint8 HxWx3 RGB → float32 3xHxW network input, exactly as the evaluation transform makes it."""
+    return build_eval_transform(normalization)(image=image)["image"]

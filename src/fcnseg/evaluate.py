@@ -1,0 +1,98 @@
+"""Evaluation of a trained model on a VOC-layout split: the paper's four metrics, per-class IoU and plots.
+
+Whole images, one at a time (as the paper evaluates), with plain PyTorch: usable from the DVC ``evaluate`` stage,
+``fcnseg evaluate`` and after training, without a Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fcnseg.metrics import SegmentationMetrics
+
+METRIC_KEYS = ("pixel_acc", "mean_acc", "mean_iou", "fw_iou")
+
+
+@dataclass
+class EvaluationReport:
+    results: dict[str, Any]
+    class_names: list[str]
+    grid: np.ndarray | None = None
+    example_images: list[np.ndarray] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON written for ``dvc metrics``: the four metrics and per-class IoU (null where undefined)."""
+        out: dict[str, Any] = {key: float(self.results[key]) for key in METRIC_KEYS}
+        out["per_class_iou"] = {name: (None if iou != iou else round(iou, 6))
+                                for name, iou in zip(self.class_names, self.results["per_class_iou"].tolist())}
+        return out
+
+
+def evaluate_segmenter(segmenter, data_root: str | Path, split: str, num_overlays: int = 0,
+                       progress: bool = False) -> EvaluationReport:
+    from fcnseg.data import VOCSegmentation
+    from fcnseg.viz import prediction_grid
+
+    dataset = VOCSegmentation(data_root, split)
+    num_classes = len(segmenter.class_names)
+    metric = SegmentationMetrics(num_classes)
+    shown: tuple[list, list, list] = ([], [], [])
+    for index in tqdm(range(len(dataset)), desc=f"evaluate {split}", disable=not progress):
+        image, mask = dataset[index]
+        pred = segmenter.predict(image)
+        metric.update(torch.from_numpy(pred)[None].long(), torch.from_numpy(mask)[None].long())
+        if index < num_overlays:
+            for bucket, item in zip(shown, (image, mask, pred)):
+                bucket.append(item)
+    grid = prediction_grid(*shown) if shown[0] else None
+    return EvaluationReport(metric.compute(), segmenter.class_names, grid, shown[0])
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: str, num_overlays: int = 0,
+                        device: str | None = None, progress: bool = False) -> EvaluationReport:
+    from fcnseg.inference import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(checkpoint, device=device)
+    return evaluate_segmenter(segmenter, data_root, split, num_overlays, progress)
+
+
+def write_reports(report: EvaluationReport, metrics_file: str | Path, plots_dir: str | Path,
+                  history: list[dict[str, float]] | None = None) -> None:
+    """``metrics.json`` for ``dvc metrics``; per-class IoU, confusion matrix and curves for ``dvc plots``."""
+    from fcnseg import viz
+
+    metrics_file, plots_dir = Path(metrics_file), Path(plots_dir)
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(report.summary(), indent=2))
+    iou_rows = [{"class": name, "iou": (0.0 if iou != iou else iou)}
+                for name, iou in zip(report.class_names, report.results["per_class_iou"].tolist())]
+    (plots_dir / "per_class_iou.json").write_text(json.dumps(iou_rows, indent=2))
+    hist = report.results["confusion_matrix"].cpu().numpy()
+    confusion_rows = [{"actual": report.class_names[t], "predicted": report.class_names[p], "count": int(hist[t, p])}
+                      for t in range(hist.shape[0]) for p in range(hist.shape[1]) if hist[t, p]]
+    (plots_dir / "confusion.json").write_text(json.dumps(confusion_rows))
+    viz.figure_to_png(viz.plot_confusion_matrix(hist, report.class_names), plots_dir / "confusion_matrix.png")
+    viz.figure_to_png(viz.plot_per_class_iou(report.results["per_class_iou"].cpu().numpy(), report.class_names),
+                      plots_dir / "per_class_iou.png")
+    if report.grid is not None:
+        from PIL import Image
+
+        Image.fromarray(report.grid).save(plots_dir / "predictions.png")
+    if history is not None:
+        (plots_dir / "history.json").write_text(json.dumps(history, indent=2))
+
+
+def print_report(report: EvaluationReport) -> None:
+    summary = report.summary()
+    print("  ".join(f"{key} {summary[key]:.4f}" for key in METRIC_KEYS))
+    width = max(len(name) for name in report.class_names)
+    for name, iou in summary["per_class_iou"].items():
+        print(f"  {name:<{width}}  {'   n/a' if iou is None else f'{iou:.4f}'}")

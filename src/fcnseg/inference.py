@@ -1,0 +1,117 @@
+"""Inference on whole images: read any image file as RGB, run a trained FCN, return the label map."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fcnseg.data.classes import VOC_CLASSES
+from fcnseg.errors import DataError
+
+MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused as decompression bombs
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """Grayscale, palette, RGBA, CMYK and 16-bit images as HxWx3 uint8 RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # composite on white, not black
+        image = Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _open(source, name: str) -> np.ndarray:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                image.load()
+                return _to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{name}: refused as a decompression bomb (more than {MAX_IMAGE_PIXELS:,} pixels)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{name}: not a readable image ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB; DataError naming the file when it cannot be read."""
+    return _open(path, str(path))
+
+
+def read_image_bytes(data: bytes, name: str = "image") -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, …) as HxWx3 uint8 RGB."""
+    return _open(io.BytesIO(data), name)
+
+
+class Segmenter:
+    """A trained FCN with its input normalisation, on the best available device."""
+
+    def __init__(self, net: torch.nn.Module, normalization: str, class_names: list[str] | None = None,
+                 device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = net.eval().to(self.device)
+        self.normalization = normalization
+        self.class_names = list(class_names or VOC_CLASSES)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> "Segmenter":
+        from fcnseg.module import load_module
+
+        module = load_module(path)
+        return cls(module.net, module.hparams.normalization, module.class_names, device)
+
+    @torch.inference_mode()
+    def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Label maps (HxW uint8) for RGB uint8 images of one size."""
+        from fcnseg.data.transforms import normalize_image
+
+        batch = torch.stack([normalize_image(image, self.normalization) for image in images]).to(self.device)
+        return list(self.net(batch).argmax(1).to(torch.uint8).cpu().numpy())
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        return self.predict_batch([image])[0]
+
+
+def load_segmenter(model: str, device: str | None = None, variant: str | None = None) -> Segmenter:
+    """A Segmenter from ``models:/NAME@ALIAS`` (or any MLflow model URI), an fcnseg ``.ckpt``, or a
+    wkentaro/pytorch-fcn ``.pth`` (``variant`` names the net: fcn32s, fcn16s, fcn8s, fcn8s_atonce)."""
+    from fcnseg.errors import CheckpointError
+
+    if "://" in model or model.startswith("models:/") or model.startswith("runs:/"):
+        import mlflow.pyfunc
+
+        from fcnseg.tracking import resolve_tracking_uri
+
+        mlflow.set_tracking_uri(resolve_tracking_uri())
+        try:
+            loaded = mlflow.pyfunc.load_model(model)
+        except Exception as exc:
+            raise CheckpointError(f"cannot load MLflow model {model}: {str(exc).splitlines()[0]}; "
+                                  f"check the name/alias with `fcnseg models`") from exc
+        segmenter = loaded.unwrap_python_model().segmenter
+        if device is not None:
+            segmenter = Segmenter(segmenter.net, segmenter.normalization, segmenter.class_names, device)
+        return segmenter
+    path = Path(model)
+    if not path.is_file():
+        raise CheckpointError(f"model not found: {model}; pass models:/NAME@ALIAS, a .ckpt or a pytorch-fcn .pth")
+    if path.suffix == ".ckpt":
+        return Segmenter.from_checkpoint(path, device)
+    from fcnseg.models import build_fcn, load_reference_weights
+
+    net = build_fcn(variant or "fcn8s", num_classes=len(VOC_CLASSES))
+    load_reference_weights(net, path)
+    return Segmenter(net, "caffe", list(VOC_CLASSES), device)  # the Caffe nets expect BGR, 0-255, mean-subtracted

@@ -1,0 +1,141 @@
+"""The DVC pipeline's stages (dvc.yaml): prepare → train → evaluate → register.
+
+Each stage reads the fully composed ``params.yaml`` (DVC composes it from ``conf/`` on ``dvc exp run -S …``),
+so ``dvc exp run -S model=fcn16s`` trains FCN-16s. Run one by hand with ``python -m fcnseg.pipeline STAGE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fcnseg.cli_errors import exit_on_user_error
+from fcnseg.errors import ConfigError, FcnsegError
+
+TRAIN_DIR = Path("artifacts/train")
+BEST_CHECKPOINT = TRAIN_DIR / "checkpoints" / "best.ckpt"
+METRICS_FILE = Path("metrics.json")
+PLOTS_DIR = Path("plots")
+REGISTER_FILE = Path("artifacts/register.json")
+STAGES = ("prepare", "train", "evaluate", "register")
+
+
+def load_params(path: str | Path = "params.yaml") -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the project root (where dvc.yaml is)")
+    return OmegaConf.load(path)
+
+
+def prepare(cfg: DictConfig) -> None:
+    from fcnseg.data.prepare import prepare as prepare_data
+
+    prepare_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.paths.data_dir)
+
+
+def _config_fingerprint(cfg: DictConfig) -> str:
+    """What a resumable checkpoint must have been trained with (everything but tracking/resume settings)."""
+    relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("tracking", "ckpt_path")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def train(cfg: DictConfig) -> None:
+    from fcnseg.train import train as run_training
+
+    # Outputs persist so an interrupted `dvc repro` resumes from last.ckpt, but only a run of the same config.
+    fingerprint_file = TRAIN_DIR / "config.sha256"
+    fingerprint = _config_fingerprint(cfg)
+    if TRAIN_DIR.exists() and (not fingerprint_file.is_file() or fingerprint_file.read_text() != fingerprint):
+        shutil.rmtree(TRAIN_DIR)
+    TRAIN_DIR.mkdir(parents=True, exist_ok=True)
+    fingerprint_file.write_text(fingerprint)
+    result = run_training(cfg, output_dir=TRAIN_DIR)
+    best = Path(result["best_checkpoint"])
+    if best.resolve() != BEST_CHECKPOINT.resolve():
+        shutil.copy2(best, BEST_CHECKPOINT)
+
+
+def epoch_history(metrics_csv: Path) -> list[dict[str, float]]:
+    """Per-epoch rows (epoch, train/loss, val/loss, val/mean_iou, …) from Lightning's CSVLogger file."""
+    if not metrics_csv.is_file():
+        return []
+    by_epoch: dict[int, dict[str, float]] = {}
+    with metrics_csv.open() as handle:
+        for row in csv.DictReader(handle):
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            entry = by_epoch.setdefault(epoch, {"epoch": epoch})
+            for key, value in row.items():
+                if value and (key.endswith("_epoch") or key.startswith("val/")) and "/iou/" not in key:
+                    entry[key.removesuffix("_epoch")] = float(value)
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def evaluate(cfg: DictConfig) -> None:
+    from fcnseg.evaluate import evaluate_checkpoint, print_report, write_reports
+
+    if not BEST_CHECKPOINT.is_file():
+        raise FcnsegError(f"{BEST_CHECKPOINT} not found; run the train stage first (dvc repro train)")
+    report = evaluate_checkpoint(BEST_CHECKPOINT, cfg.data.root, cfg.data.datamodule.val_split,
+                                 num_overlays=cfg.tracking.num_overlays, progress=True)
+    write_reports(report, METRICS_FILE, PLOTS_DIR, history=epoch_history(TRAIN_DIR / "metrics.csv"))
+    print_report(report)
+    run_file = TRAIN_DIR / "mlflow_run.json"
+    if cfg.tracking.enabled and run_file.is_file():
+        import mlflow
+
+        from fcnseg.tracking import log_evaluation
+
+        run = json.loads(run_file.read_text())
+        client = mlflow.MlflowClient(run["tracking_uri"])
+        log_evaluation(client, run["run_id"], report.results, report.class_names, report.grid,
+                       prefix="eval", artifact_dir="evaluation")
+        client.log_artifact(run["run_id"], str(METRICS_FILE), "evaluation")
+
+
+def register(cfg: DictConfig) -> None:
+    from fcnseg import registry
+    from fcnseg.tracking import data_version
+
+    result_file = TRAIN_DIR / "train_result.json"
+    if not cfg.tracking.enabled:
+        print("tracking.enabled=false: nothing to register")
+        REGISTER_FILE.parent.mkdir(parents=True, exist_ok=True)
+        REGISTER_FILE.write_text(json.dumps({"registered": False}))
+        return
+    result = json.loads(result_file.read_text())
+    if not result.get("model_uri"):
+        raise FcnsegError(f"{result_file} has no logged model (tracking.log_model=false?); nothing to register")
+    metrics = json.loads(METRICS_FILE.read_text())
+    run = json.loads((TRAIN_DIR / "mlflow_run.json").read_text())
+    client = registry.client_for(run["tracking_uri"])
+    version = registry.register_model(
+        result["model_uri"], cfg.tracking.registered_model_name, val_mean_iou=metrics["mean_iou"],
+        data_version=data_version(cfg.data.root), client=client, tags={"model": cfg.model.name},
+    )
+    decision = registry.promote(cfg.tracking.registered_model_name, version.version, client=client)
+    print(decision.summary())
+    REGISTER_FILE.parent.mkdir(parents=True, exist_ok=True)
+    REGISTER_FILE.write_text(json.dumps({"registered": True, "name": cfg.tracking.registered_model_name,
+                                         "version": int(version.version), "promoted": decision.promoted,
+                                         "reason": decision.reason}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fcnseg.pipeline", description=__doc__)
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--params", default="params.yaml", help="composed config (default: params.yaml)")
+    args = parser.parse_args(argv)
+    with exit_on_user_error():
+        globals()[args.stage](load_params(args.params))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""MLflow tracking: where runs go, what each run records (config, tags, plots, checkpoint, model)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fcnseg.errors import TrackingError
+
+RUN_FILE = "mlflow_run.json"  # in the training output dir: lets a resumed run continue the same MLflow run
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project's root: the nearest directory holding dvc.yaml (or .git), outside DVC's temp experiment dirs."""
+    here = (start or Path.cwd()).resolve()
+    text = str(here)
+    if "/.dvc/tmp/exps/" in text:  # `dvc exp run --temp/--queue` runs in a copy: track into the real project
+        here = Path(text.split("/.dvc/tmp/exps/")[0])
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").is_file() or (candidate / ".git").exists():
+            return candidate
+    return here
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """An explicit URI, else $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db (a real DB, no server)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fails within seconds, in one line, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it, point MLFLOW_TRACKING_URI at a "
+            f"running one, or train without tracking: tracking.enabled=false"
+        ) from exc
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or project_root(), capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def data_version(data_root: str | Path) -> str:
+    """The dataset's version: DVC's hash of the prepared data when dvc.lock has it, else a hash of its marker.
+
+    Models are only compared (promotion) when trained and evaluated on the same data version.
+    """
+    data_root = Path(data_root)
+    lock = project_root() / "dvc.lock"
+    if lock.is_file():
+        import yaml
+
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []):
+                out_path = (project_root() / out["path"]).resolve()
+                if out_path == data_root.resolve() or out_path in data_root.resolve().parents:
+                    return str(out.get("md5", "unknown"))
+    digest = hashlib.md5()
+    marker = data_root / ".complete"
+    if marker.is_file():
+        digest.update(marker.read_bytes())
+    else:  # no marker: the split lists still pin which images are used
+        for split_file in sorted((data_root / "ImageSets" / "Segmentation").glob("*.txt")):
+            digest.update(split_file.name.encode() + split_file.read_bytes())
+    return digest.hexdigest()
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def create_logger(cfg: DictConfig, output_dir: Path):
+    """An MLFlowLogger for this run, or None when tracking is off.
+
+    Continues the run recorded in ``output_dir`` (a resumed training run), or the one ``mlflow run`` started
+    (``MLFLOW_RUN_ID``); otherwise starts a new run in ``tracking.experiment_name``.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    check_reachable(uri)
+    run_file = output_dir / RUN_FILE
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id is None and run_file.is_file():
+        recorded = json.loads(run_file.read_text())
+        if recorded.get("tracking_uri") == uri:
+            run_id = recorded["run_id"]
+    tags = {
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "data_version": data_version(cfg.data.root),
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    logger = MLFlowLogger(
+        experiment_name=cfg.tracking.experiment_name,
+        run_name=cfg.tracking.run_name or cfg.model.name,
+        tracking_uri=uri,
+        tags=tags,
+        run_id=run_id,
+    )
+    try:
+        logger.experiment  # creates the experiment/run now, so a broken store fails before training starts
+    except Exception as exc:
+        raise TrackingError(f"cannot use MLflow tracking store {uri}: {str(exc).splitlines()[0]}") from exc
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"run_id": logger.run_id, "tracking_uri": uri,
+                                    "experiment_id": logger.experiment_id}))
+    return logger
+
+
+def log_config(logger, cfg: DictConfig) -> None:
+    """The full resolved config: flattened as params (for the compare view) and as a YAML artifact."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    params = {key: ("" if value is None else str(value)[:500]) for key, value in flatten(container).items()}
+    logger.log_hyperparams(params)
+    logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+
+def log_evaluation(client, run_id: str, results: dict[str, Any], class_names: list[str],
+                   grid: np.ndarray | None, prefix: str = "val", artifact_dir: str = "evaluation") -> None:
+    """Confusion-matrix and per-class IoU plots, a per-class IoU table and a prediction grid, as run artifacts."""
+    from fcnseg import viz
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        viz.figure_to_png(viz.plot_confusion_matrix(results["confusion_matrix"].cpu().numpy(), class_names),
+                          tmp_path / "confusion_matrix.png")
+        viz.figure_to_png(viz.plot_per_class_iou(results["per_class_iou"].cpu().numpy(), class_names),
+                          tmp_path / "per_class_iou.png")
+        table = {name: (None if iou != iou else iou)
+                 for name, iou in zip(class_names, results["per_class_iou"].tolist())}
+        (tmp_path / "per_class_iou.json").write_text(json.dumps(table, indent=2))
+        if grid is not None:
+            from PIL import Image
+
+            Image.fromarray(grid).save(tmp_path / "predictions.png")
+        client.log_artifacts(run_id, tmp, artifact_dir)
+    summary = {f"{prefix}_best/{k}": float(results[k]) for k in ("pixel_acc", "mean_acc", "mean_iou", "fw_iou")}
+    for key, value in summary.items():
+        client.log_metric(run_id, key, value)
+
+
+def log_training_outputs(cfg: DictConfig, run_id: str, best_checkpoint: Path) -> str:
+    """After training: the best checkpoint, its evaluation (plots, prediction grid) and the MLflow model.
+
+    Returns the logged model's URI (``runs:/…`` / ``models:/m-…``), which the register stage registers.
+    """
+    import mlflow
+
+    from fcnseg.evaluate import evaluate_checkpoint
+    from fcnseg.serving import log_pyfunc_model
+
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    client.log_artifact(run_id, str(best_checkpoint), "checkpoints")
+    split = cfg.data.datamodule.val_split
+    report = evaluate_checkpoint(best_checkpoint, cfg.data.root, split, num_overlays=cfg.tracking.num_overlays)
+    log_evaluation(client, run_id, report.results, report.class_names, report.grid)
+    if not cfg.tracking.log_model:
+        return ""
+    with mlflow.start_run(run_id=run_id):
+        return log_pyfunc_model(best_checkpoint, report.example_images[:2])

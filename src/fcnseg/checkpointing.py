@@ -22,3 +22,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file, fsync, rename: never a half-written file at ``path``."""
+    path = Path(path)
+    AtomicCheckpointIO().save_checkpoint(obj, path)
+    return path
+
+
+def save_model_checkpoint(net: torch.nn.Module, net_config: dict[str, Any], path: str | Path,
+                          normalization: str, class_names: list[str]) -> Path:
+    """A checkpoint in the layout training writes (``hyper_parameters`` + ``state_dict`` of ``net.*``), so
+    ``fcnseg predict``/``evaluate``, MLflow logging and ``init_from`` treat it like a trained one."""
+    import lightning
+
+    hyper_parameters = {
+        "net": {"_target_": "fcnseg.models.build_fcn", **net_config},
+        "optim": {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e-4, "momentum": 0.9}},
+        "num_classes": len(class_names),
+        "normalization": normalization,
+        "class_names": list(class_names),
+    }
+    checkpoint = {
+        "state_dict": {f"net.{key}": value for key, value in net.state_dict().items()},
+        "hyper_parameters": hyper_parameters,
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+    }
+    return atomic_torch_save(checkpoint, path)

@@ -74,6 +74,67 @@ def evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'metrics.json'}, {out / 'confusion_matrix.png'}, {out / 'per_class_iou.png'}")
 
 
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories of images")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, a .ckpt, or a pytorch-fcn .pth")
+    p.add_argument("--variant", default="fcn8s", help="net of a pytorch-fcn .pth: fcn32s, fcn16s, fcn8s, fcn8s_atonce")
+    p.add_argument("--out", default="predictions", help="output directory (default: predictions)")
+    p.add_argument("--batch-size", type=int, default=8, help="images of the same size per forward pass")
+    p.add_argument("--tile-size", type=int, help="segment images larger than this by overlapping windows")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+
+
+@command("predict", "segment images: a VOC palette-PNG label map and an overlay PNG per image")
+@_configure(_predict_args)
+def predict(args: argparse.Namespace) -> None:
+    from fcnseg.inference import load_segmenter
+    from fcnseg.predict import predict_files
+
+    segmenter = load_segmenter(args.model, device=args.device, variant=args.variant)
+    summary = predict_files(args.inputs, segmenter, args.out, batch_size=args.batch_size, tile_size=args.tile_size)
+    print(f"segmented {len(summary.written)} image(s) into {args.out}"
+          + (f"; skipped {len(summary.skipped)} unreadable file(s)" if summary.skipped else ""))
+    if summary.skipped:
+        raise SystemExit(1)
+
+
+def _import_weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SRC.pth", help="a wkentaro/pytorch-fcn checkpoint (e.g. fcn8s_from_caffe.pth)")
+    p.add_argument("--variant", required=True, help="fcn32s, fcn16s, fcn8s or fcn8s_atonce")
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--out", help="fcnseg checkpoint to write (default: <variant>_imported.ckpt)")
+    p.add_argument("--normalization", default="caffe",
+                   help="input normalisation the weights expect (the Caffe-converted nets: caffe)")
+    p.add_argument("--register", metavar="NAME", help="also log it as an MLflow model and register it under NAME")
+    p.add_argument("--val-mean-iou", type=float, help="its measured val mean IoU (recorded for promotion)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db")
+
+
+@command("import-weights", "turn a pytorch-fcn checkpoint into an fcnseg checkpoint (and MLflow model)")
+@_configure(_import_weights_args)
+def import_weights(args: argparse.Namespace) -> None:
+    from fcnseg.checkpointing import save_model_checkpoint
+    from fcnseg.data.classes import VOC_CLASSES
+    from fcnseg.models import build_fcn, load_reference_weights
+
+    net_config = {"name": args.variant, "num_classes": args.num_classes, "width": 1.0,
+                  "backbone_weights": None, "learnable_upsampling": False}
+    net = build_fcn(**net_config)
+    load_reference_weights(net, args.source)
+    class_names = list(VOC_CLASSES[: args.num_classes]) if args.num_classes <= len(VOC_CLASSES) else \
+        [f"class_{i}" for i in range(args.num_classes)]
+    out = save_model_checkpoint(net, net_config, args.out or f"{args.variant}_imported.ckpt",
+                                args.normalization, class_names)
+    print(f"wrote {out}")
+    if args.register:
+        from fcnseg.tracking import log_imported_model
+
+        version = log_imported_model(out, args.register, args.source, args.variant,
+                                     val_mean_iou=args.val_mean_iou, tracking_uri=args.tracking_uri)
+        print(f"registered {args.register} version {version} (alias challenger); "
+              f"promote with: fcnseg promote {args.register} {version}")
+
+
 def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="registered model name, e.g. fcn-voc")
     p.add_argument("version", help="the version to make champion")
@@ -110,6 +171,19 @@ def models(args: argparse.Namespace) -> None:
         iou = row.get("val_mean_iou")
         print(f"{row['version']:>7}  {','.join(row.get('aliases', [])):<20}  "
               f"{'' if iou is None else f'{float(iou):.4f}':>8}  {row.get('data_version') or ''}")
+
+
+def _sync_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output_dir", help="the training output dir (artifacts/train, or a Hydra run dir)")
+    p.add_argument("--tracking-uri", help="default: the run's config, $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+
+
+@command("sync-run", "log a training run made while MLflow was unreachable (metrics, checkpoint, model)")
+@_configure(_sync_run_args)
+def sync_run(args: argparse.Namespace) -> None:
+    from fcnseg.tracking import sync_run as sync
+
+    print(f"logged {args.output_dir} as MLflow run {sync(args.output_dir, args.tracking_uri)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,15 +74,55 @@ class Segmenter:
         return cls(module.net, module.hparams.normalization, module.class_names, device)
 
     @torch.inference_mode()
-    def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Label maps (HxW uint8) for RGB uint8 images of one size."""
+    def scores(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Class scores (N, C, H, W) for RGB uint8 images of one size."""
         from fcnseg.data.transforms import normalize_image
 
         batch = torch.stack([normalize_image(image, self.normalization) for image in images]).to(self.device)
-        return list(self.net(batch).argmax(1).to(torch.uint8).cpu().numpy())
+        return self.net(batch).float()
 
-    def predict(self, image: np.ndarray) -> np.ndarray:
+    def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Label maps (HxW uint8) for RGB uint8 images of one size."""
+        return list(self.scores(images).argmax(1).to(torch.uint8).cpu().numpy())
+
+    def predict(self, image: np.ndarray, tile_size: int | None = None) -> np.ndarray:
+        """The label map of one whole image; with ``tile_size``, by overlapping windows (very large images)."""
+        if tile_size and max(image.shape[:2]) > tile_size:
+            return self.predict_sliding(image, tile_size)
         return self.predict_batch([image])[0]
+
+    def predict_many(self, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+        """Label maps for images of any sizes: images of the same size share a batch, so every image is
+        segmented whole and exactly as on its own (no padding that would change the borders' scores)."""
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            by_size.setdefault(image.shape[:2], []).append(index)
+        out: list[np.ndarray | None] = [None] * len(images)
+        for indices in by_size.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                for index, label_map in zip(chunk, self.predict_batch([images[i] for i in chunk])):
+                    out[index] = label_map
+        return out  # type: ignore[return-value]
+
+    def predict_sliding(self, image: np.ndarray, tile_size: int, overlap: float = 1 / 3) -> np.ndarray:
+        """Averages the scores of overlapping ``tile_size`` windows: bounded memory for any image size."""
+        height, width = image.shape[:2]
+        stride = max(1, int(tile_size * (1 - overlap)))
+        total = torch.zeros(len(self.class_names), height, width)
+        count = torch.zeros(1, height, width)
+
+        def starts(length: int) -> list[int]:
+            last = max(length - tile_size, 0)
+            return sorted({*range(0, last + 1, stride), last})
+
+        for top in starts(height):
+            for left in starts(width):
+                tile = np.ascontiguousarray(image[top : top + tile_size, left : left + tile_size])
+                scores = self.scores([tile])[0].cpu()
+                total[:, top : top + tile.shape[0], left : left + tile.shape[1]] += scores
+                count[:, top : top + tile.shape[0], left : left + tile.shape[1]] += 1
+        return (total / count).argmax(0).to(torch.uint8).numpy()
 
 
 def load_segmenter(model: str, device: str | None = None, variant: str | None = None) -> Segmenter:

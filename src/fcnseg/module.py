@@ -72,7 +72,7 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
-        callback = getattr(self.trainer, "checkpoint_callback", None)
+        callback = getattr(self._trainer, "checkpoint_callback", None)
         last_good = (callback.last_model_path or callback.best_model_path) if callback else ""
         where = f"last good checkpoint kept at {last_good}" if last_good else "no checkpoint was written yet"
         raise FcnsegError(
@@ -141,7 +141,9 @@ def load_module(checkpoint_path: str | Path, map_location: str | torch.device = 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a truncated, corrupt or foreign file: say so in one line
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {first_line}); it must be a "
+                              f".ckpt written by fcnseg training or import-weights") from exc
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not hparams or "net" not in hparams or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not an fcnseg training checkpoint (no model hyperparameters or state_dict)")
@@ -150,5 +152,6 @@ def load_module(checkpoint_path: str | Path, map_location: str | torch.device = 
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match its recorded model: {str(exc).splitlines()[0]}") from exc
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path} does not match its recorded model: {first_line}") from exc
     return module.eval()

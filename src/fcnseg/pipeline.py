@@ -24,6 +24,7 @@ METRICS_FILE = Path("metrics.json")
 PLOTS_DIR = Path("plots")
 REGISTER_FILE = Path("artifacts/register.json")
 STAGES = ("prepare", "train", "evaluate", "register")
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def load_params(path: str | Path = "params.yaml") -> DictConfig:
@@ -128,13 +129,25 @@ def register(cfg: DictConfig) -> None:
                                          "reason": decision.reason}, indent=2))
 
 
+def compose_params(output: str | Path = "params.yaml", overrides: list[str] | None = None) -> None:
+    """Writes params.yaml exactly as `dvc exp run` composes it from conf/ (so `dvc repro` sees the same)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(output, str(CONFIG_DIR), None, "config", "", list(overrides or []))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fcnseg.pipeline", description=__doc__)
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", choices=(*STAGES, "params"),
+                        help="a dvc.yaml stage, or 'params' to recompose params.yaml from conf/ [overrides]")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (only with 'params')")
     parser.add_argument("--params", default="params.yaml", help="composed config (default: params.yaml)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        globals()[args.stage](load_params(args.params))
+        if args.stage == "params":
+            compose_params(args.params, args.overrides)
+        else:
+            globals()[args.stage](load_params(args.params))
 
 
 if __name__ == "__main__":

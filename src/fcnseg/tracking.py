@@ -97,6 +97,64 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _limit_http_retries() -> None:
+    """MLflow retries an unreachable server for minutes per call by default; training must not stall on it."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def _make_resilient_logger_class():
+    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    class ResilientMLFlowLogger(MLFlowLogger):
+        """Lightning's MLFlowLogger that keeps training going when the tracking server goes away mid-run.
+
+        After the first failed call it stops calling MLflow and says once how to log the run afterwards
+        (``fcnseg sync-run``); metrics keep going to the CSV log and checkpoints to disk.
+        """
+
+        def __init__(self, *args: Any, output_dir: Path, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.output_dir = Path(output_dir)
+            self.offline_since: str | None = None
+
+        def _guard(self, call, *args: Any) -> None:
+            if self.offline_since is not None:
+                return
+            try:
+                call(*args)
+            except Exception as exc:  # any transport or server error: training matters more than logging
+                self.offline_since = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                rank_zero_warn(
+                    f"MLflow tracking at {self._tracking_uri} failed ({self.offline_since[:200]}); training goes on, "
+                    f"metrics go to {self.output_dir / 'metrics.csv'} and checkpoints to "
+                    f"{self.output_dir / 'checkpoints'}; log the run afterwards with: "
+                    f"fcnseg sync-run {self.output_dir}"
+                )
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self._guard(super().log_metrics, metrics, step)
+
+        def log_hyperparams(self, params) -> None:
+            self._guard(super().log_hyperparams, params)
+
+        def after_save_checkpoint(self, checkpoint_callback) -> None:
+            self._guard(super().after_save_checkpoint, checkpoint_callback)
+
+        def finalize(self, status: str = "success") -> None:
+            self._guard(super().finalize, status)
+
+    return ResilientMLFlowLogger
+
+
+def __getattr__(name: str):  # ResilientMLFlowLogger is built lazily: importing tracking must not import Lightning
+    if name == "ResilientMLFlowLogger":
+        return _make_resilient_logger_class()
+    raise AttributeError(name)
+
+
 def create_logger(cfg: DictConfig, output_dir: Path):
     """An MLFlowLogger for this run, or None when tracking is off.
 
@@ -105,8 +163,8 @@ def create_logger(cfg: DictConfig, output_dir: Path):
     """
     if not cfg.tracking.enabled:
         return None
-    from lightning.pytorch.loggers import MLFlowLogger
-
+    ResilientMLFlowLogger = _make_resilient_logger_class()
+    _limit_http_retries()
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_reachable(uri)
     run_file = output_dir / RUN_FILE
@@ -123,7 +181,8 @@ def create_logger(cfg: DictConfig, output_dir: Path):
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    logger = MLFlowLogger(
+    logger = ResilientMLFlowLogger(
+        output_dir=output_dir,
         experiment_name=cfg.tracking.experiment_name,
         run_name=cfg.tracking.run_name or cfg.model.name,
         tracking_uri=uri,
@@ -193,3 +252,75 @@ def log_training_outputs(cfg: DictConfig, run_id: str, best_checkpoint: Path) ->
         return ""
     with mlflow.start_run(run_id=run_id):
         return log_pyfunc_model(best_checkpoint, report.example_images[:2])
+
+
+def log_imported_model(checkpoint: Path, registered_name: str, source: str, variant: str,
+                       val_mean_iou: float | None = None, tracking_uri: str | None = None) -> int:
+    """Logs an imported checkpoint (``fcnseg import-weights``) as an MLflow model in its own run and registers
+    it (alias ``challenger``). Returns the new version number."""
+    import mlflow
+
+    from fcnseg import registry
+    from fcnseg.serving import log_pyfunc_model
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("fcnseg-imported")
+    example = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (48, 1, 3))  # any RGB image will do
+    with mlflow.start_run(run_name=f"import-{variant}") as run:
+        mlflow.set_tags({"model": variant, "source_weights": str(source), "imported": "true"})
+        mlflow.log_artifact(str(checkpoint), "checkpoints")
+        model_uri = log_pyfunc_model(checkpoint, [example])
+    client = registry.client_for(uri)
+    version = registry.register_model(model_uri, registered_name, val_mean_iou=val_mean_iou, data_version=None,
+                                      client=client, tags={"model": variant, "source_weights": str(source),
+                                                           "run_id": run.info.run_id})
+    return int(version.version)
+
+
+def sync_run(output_dir: str | Path, tracking_uri: str | None = None) -> str:
+    """Logs a training run made while MLflow was unreachable: its config, per-epoch metrics (from the CSV log),
+    checkpoint, evaluation and model, into the run recorded in ``output_dir`` (or a new one). Returns the run id.
+    """
+    import csv
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    output_dir = Path(output_dir)
+    config_file, metrics_file = output_dir / "config.yaml", output_dir / "metrics.csv"
+    if not config_file.is_file() or not metrics_file.is_file():
+        raise TrackingError(f"{output_dir} is not a training output dir (config.yaml and metrics.csv expected)")
+    cfg = OmegaConf.load(config_file)
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
+    check_reachable(uri)
+    client = mlflow.MlflowClient(uri)
+    recorded = json.loads((output_dir / RUN_FILE).read_text()) if (output_dir / RUN_FILE).is_file() else {}
+    run_id = recorded.get("run_id") if recorded.get("tracking_uri") == uri else None
+    if run_id is None:
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
+        run_id = client.create_run(experiment.experiment_id, run_name=cfg.tracking.run_name or cfg.model.name,
+                                   tags={"model": cfg.model.name, "dataset": cfg.data.name,
+                                         "data_version": data_version(cfg.data.root)}).info.run_id
+        container = OmegaConf.to_container(cfg, resolve=True)
+        for key, value in flatten(container).items():
+            client.log_param(run_id, key, "" if value is None else str(value)[:500])
+        client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    metrics = []
+    with metrics_file.open() as handle:
+        for row in csv.DictReader(handle):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in (None, ""):
+                    metrics.append(Metric(key, float(value), 0, step))
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    best = output_dir / "checkpoints" / "best.ckpt"
+    if best.is_file():
+        cfg.tracking.tracking_uri = uri
+        log_training_outputs(cfg, run_id, best)
+    client.set_terminated(run_id)
+    (output_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return run_id

@@ -82,6 +82,8 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     checkpoint_dir = output_dir / "checkpoints"
     datamodule = instantiate(cfg.data.datamodule)
     module = build_module(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # for `fcnseg sync-run`
     logger = tracking.create_logger(cfg, output_dir)
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir, filename="best", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
@@ -104,8 +106,12 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     result = {"best_checkpoint": best, "best_score": None if score is None else float(score),
               "run_id": logger.run_id if logger else None, "output_dir": str(output_dir)}
     if trainer.is_global_zero:
-        if logger is not None:
+        if logger is not None and logger.offline_since is None:
             result["model_uri"] = tracking.log_training_outputs(cfg, logger.run_id, Path(best))
+        elif logger is not None:
+            result["tracking_failed"] = logger.offline_since
+            log.warning("MLflow was unreachable; the run is complete on disk in %s. Log it with: "
+                        "fcnseg sync-run %s", output_dir, output_dir)
         (output_dir / "train_result.json").write_text(json.dumps(result, indent=2))
     return result
 

@@ -1,0 +1,82 @@
+"""Segment image files: a VOC palette-PNG label map and an overlay PNG (with a legend) for each image.
+
+Used by ``fcnseg predict``. An unreadable file is reported by name and skipped; the rest carry on.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from fcnseg.errors import DataError
+from fcnseg.inference import Segmenter, read_image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass
+class PredictSummary:
+    written: list[tuple[Path, Path]] = field(default_factory=list)  # (label map, overlay) per segmented image
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
+
+
+def collect_inputs(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
+    """(file, output stem relative to the output dir) for each file given or image file found in a directory."""
+    found: list[tuple[Path, Path]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += [(p, p.relative_to(item).with_suffix("")) for p in files]
+        elif item.exists():
+            found.append((item, Path(item.stem)))  # given by name: always tried, whatever its suffix
+        else:
+            raise DataError(f"{item}: no such file or directory")
+    return found
+
+
+def write_outputs(image: np.ndarray, label_map: np.ndarray, stem: Path, out_dir: Path,
+                  class_names: list[str]) -> tuple[Path, Path]:
+    from fcnseg.viz import overlay, save_label_png
+
+    mask_path = out_dir / stem.with_suffix(".png")
+    overlay_path = out_dir / stem.parent / f"{stem.name}_overlay.png"
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    save_label_png(label_map, mask_path)
+    Image.fromarray(overlay(image, label_map, class_names=class_names)).save(overlay_path)
+    return mask_path, overlay_path
+
+
+def predict_files(inputs: list[str | Path], segmenter: Segmenter, out_dir: str | Path, batch_size: int = 8,
+                  tile_size: int | None = None, progress: bool | None = None) -> PredictSummary:
+    """Segments every input image; reads ``batch_size`` files at a time so memory stays bounded."""
+    out_dir = Path(out_dir)
+    files = collect_inputs(inputs)
+    summary = PredictSummary()
+    show = progress if progress is not None else len(files) > 1
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not show, file=sys.stderr)
+    for start in range(0, len(files), batch_size):
+        chunk: list[tuple[Path, Path, np.ndarray]] = []
+        for path, stem in files[start : start + batch_size]:
+            try:
+                chunk.append((path, stem, read_image(path)))
+            except DataError as exc:
+                summary.skipped.append((path, str(exc)))
+                print(f"error: {exc}; skipped", file=sys.stderr, flush=True)
+                bar.update(1)
+        whole = [item for item in chunk if not (tile_size and max(item[2].shape[:2]) > tile_size)]
+        label_maps = dict(zip((id(item) for item in whole),
+                              segmenter.predict_many([item[2] for item in whole], batch_size)))
+        for item in chunk:
+            path, stem, image = item
+            label_map = label_maps.get(id(item))
+            if label_map is None:
+                label_map = segmenter.predict_sliding(image, tile_size)  # type: ignore[arg-type]
+            summary.written.append(write_outputs(image, label_map, stem, out_dir, segmenter.class_names))
+            bar.update(1)
+    bar.close()
+    return summary

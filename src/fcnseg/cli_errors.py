@@ -58,5 +58,5 @@ def precheck_overrides(config_dir: str, config_name: str, argv: list[str] | None
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             compose(config_name=config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        fail(f"invalid override in {' '.join(overrides) or '(none)'}: {_one_line(exc)}; "
+        fail(f"invalid override: {_one_line(exc)}; "
              f"see `python -m fcnseg.train --help` for the config groups and keys")

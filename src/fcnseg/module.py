@@ -102,8 +102,9 @@ class SegmentationModule(L.LightningModule):
             for name, iou in zip(self.class_names, results["per_class_iou"].tolist()):
                 if iou == iou:  # classes absent from both truth and prediction have no IoU (nan): skip them
                     scalars[f"{stage}/iou/{name}"] = iou
+        mean_iou = scalars.pop(f"{stage}/mean_iou")
         self.log_dict(scalars, prog_bar=False)
-        self.log(f"{stage}/mean_iou", scalars[f"{stage}/mean_iou"], prog_bar=True)
+        self.log(f"{stage}/mean_iou", mean_iou, prog_bar=True)
 
     def configure_optimizers(self):
         optim = self.hparams.optim

@@ -6,6 +6,7 @@ Composes ``conf/``, builds the datamodule, the FCN and the LightningModule, trai
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from fcnseg.checkpointing import AtomicCheckpointIO
+from fcnseg.checkpointing import AtomicCheckpointIO, RngStateCheckpoint
 from fcnseg.cli_errors import exit_on_user_error, precheck_overrides
 from fcnseg.data.classes import VOC_CLASSES
 from fcnseg.errors import CheckpointError
@@ -57,6 +58,25 @@ def resolve_resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> st
     return ckpt_path
 
 
+def csv_rows_before(metrics_csv: Path, checkpoint: str | None) -> list[dict[str, str]]:
+    """Rows of a resumed run's metrics.csv up to its checkpoint's step (Lightning's CSVLogger deletes the file)."""
+    if not checkpoint or not metrics_csv.is_file():
+        return []
+    step = torch.load(checkpoint, map_location="cpu", weights_only=True).get("global_step", 0)
+    with metrics_csv.open(newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row.get("step") and int(float(row["step"])) <= step]
+
+
+def prepend_csv_rows(metrics_csv: Path, rows: list[dict[str, str]]) -> None:
+    with metrics_csv.open(newline="") as handle:
+        new_rows = list(csv.DictReader(handle))
+    fields = sorted({key for row in rows + new_rows for key in row})
+    with metrics_csv.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows + new_rows)
+
+
 def build_module(cfg: DictConfig) -> SegmentationModule:
     module = SegmentationModule(
         net=OmegaConf.to_container(cfg.model.net, resolve=True),
@@ -80,6 +100,10 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(output_dir or resolve_output_dir(cfg))
     checkpoint_dir = output_dir / "checkpoints"
+    if cfg.data.source == "synthetic":  # generated offline in seconds, so training never waits on a manual step
+        from fcnseg.data.prepare import prepare
+
+        prepare(OmegaConf.to_container(cfg.data, resolve=True), cfg.paths.data_dir)
     datamodule = instantiate(cfg.data.datamodule)
     module = build_module(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -89,17 +113,20 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         dirpath=checkpoint_dir, filename="best", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
         save_last=cfg.checkpoint.save_last, save_top_k=1, enable_version_counter=False,
     )
-    callbacks = [checkpoint] + ([LearningRateMonitor("epoch")] if logger else [])
+    callbacks = [checkpoint, RngStateCheckpoint()] + ([LearningRateMonitor("epoch")] if logger else [])
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg["precision"])
+    resume_from = resolve_resume_checkpoint(cfg.ckpt_path, checkpoint_dir)
+    earlier_rows = csv_rows_before(output_dir / "metrics.csv", resume_from)
     # metrics.csv in the output dir feeds `dvc plots`; MLflow is the run's record for people.
     loggers = [CSVLogger(save_dir=str(output_dir), name="", version="")] + ([logger] if logger else [])
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers,
                                      default_root_dir=str(output_dir), plugins=[AtomicCheckpointIO()])
     if logger is not None and trainer.is_global_zero:
         tracking.log_config(logger, cfg)
-    trainer.fit(module, datamodule=datamodule,
-                ckpt_path=resolve_resume_checkpoint(cfg.ckpt_path, checkpoint_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    if earlier_rows and trainer.is_global_zero:
+        prepend_csv_rows(output_dir / "metrics.csv", earlier_rows)
 
     best = checkpoint.best_model_path or str(checkpoint_dir / "best.ckpt")
     score = checkpoint.best_model_score

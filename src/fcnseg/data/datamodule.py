@@ -1,0 +1,159 @@
+"""LightningDataModule for VOC-layout data: random crops for training, whole images (padded per batch) for validation.
+
+Seeding: albumentations 2.x ``Compose`` keeps its own random generator, untouched by ``seed_everything``, and a
+DataLoader hands each worker a copy of it in the same state, so without care every worker would draw the same
+augmentations. :func:`seed_worker` (the loaders' ``worker_init_fn``) seeds the global RNGs as Lightning's
+``pl_worker_init_function`` does and then reseeds the worker's ``Compose`` from that per-worker, per-rank,
+per-epoch seed. Lightning only adds its own ``worker_init_fn`` when there is none, so this one replaces it.
+
+Distributed validation: under DDP the validation loader gets an :class:`UnpaddedDistributedSampler`, so every
+image is evaluated exactly once across ranks. Lightning keeps a sampler that is a ``DistributedSampler`` (sub)class
+(``_requires_distributed_sampler`` in Lightning 2.x), so this works with the default
+``use_distributed_sampler=True``; Lightning's own would pad with repeated images, which the metrics would count
+twice. The training loader is left to Lightning, which swaps in a shuffling ``DistributedSampler``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from torch.utils.data import DataLoader, get_worker_info
+
+from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
+from fcnseg.data.transforms import build_eval_transform, build_train_transform
+from fcnseg.data.voc import VOCSegmentation
+from fcnseg.errors import ConfigError, DataError
+
+
+def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks ``(image 3xHxW, mask HxW)`` pairs of different sizes, padding bottom/right to the batch's largest
+    height and width: images with 0 (the normalised input's zero, as the training crops pad), masks with 255 (void,
+    so loss and metrics ignore the padding)."""
+    height = max(image.shape[-2] for image, _ in batch)
+    width = max(image.shape[-1] for image, _ in batch)
+    images, masks = [], []
+    for image, mask in batch:
+        pad = (0, width - image.shape[-1], 0, height - image.shape[-2])  # (left, right, top, bottom)
+        images.append(F.pad(image, pad, value=0.0))
+        masks.append(F.pad(torch.as_tensor(mask).long(), pad, value=IGNORE_INDEX))
+    return torch.stack(images), torch.stack(masks)
+
+
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """``worker_init_fn``: Lightning's worker seeding, then a distinct seed for this worker's albumentations."""
+    pl_worker_init_function(worker_id, rank=rank)
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(int(np.random.randint(0, 2**31 - 1)))  # numpy was just seeded per worker/rank
+
+
+def _distributed_world() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group, or (1, 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class VOCDataModule(L.LightningDataModule):
+    """Train/val loaders over :class:`VOCSegmentation` splits of one VOC-layout ``root``.
+
+    ``train_transform`` holds :func:`build_train_transform`'s keyword arguments (``crop_size``, ``scale_min``,
+    ``scale_max``, ``hflip``, ``color_jitter``); ``normalization`` must match the backbone (``imagenet`` or
+    ``caffe``). ``sbd_root`` is where SBD lives for ``train_split="train_aug"`` (default: next to VOCdevkit).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train",
+        val_split: str = "val",
+        batch_size: int = 8,
+        val_batch_size: int = 4,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        normalization: str = "imagenet",
+        train_transform: dict[str, Any] | None = None,
+        seed: int = 0,
+        sbd_root: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or val_batch_size < 1:
+            raise ConfigError(f"batch sizes must be >= 1, got batch_size={batch_size}, val_batch_size={val_batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        self.root = root
+        self.train_split = train_split
+        self.val_split = val_split
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.normalization = normalization
+        self.train_transform = dict(train_transform or {"crop_size": 320})
+        self.seed = seed
+        self.sbd_root = sbd_root
+        self.num_classes = NUM_CLASSES
+        self.class_names: list[str] = list(VOC_CLASSES)
+        self.train_dataset: VOCSegmentation | None = None
+        self.val_dataset: VOCSegmentation | None = None
+
+    def _rank(self) -> int:
+        trainer = self.trainer
+        return trainer.global_rank if trainer is not None else _distributed_world()[1]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_dataset is None:
+            # seed + rank: with num_workers=0 each DDP rank still draws its own augmentations
+            transform = build_train_transform(**self.train_transform, normalization=self.normalization,
+                                              seed=self.seed + self._rank())
+            self.train_dataset = VOCSegmentation(self.root, self.train_split, transform, sbd_root=self.sbd_root)
+            if len(self.train_dataset) < self.batch_size:
+                raise DataError(
+                    f"split {self.train_split!r} of {self.root} has {len(self.train_dataset)} images, fewer than "
+                    f"batch_size={self.batch_size}; the training loader drops incomplete batches and would yield "
+                    "none: lower data.datamodule.batch_size or add images"
+                )
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = VOCSegmentation(self.root, self.val_split, build_eval_transform(self.normalization),
+                                               sbd_root=self.sbd_root)
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": pad_collate,
+            "worker_init_fn": partial(seed_worker, rank=self._rank()),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        from fcnseg.data.samplers import EpochSeededDataset, EpochSeededSampler
+
+        # Shuffle and augmentation are functions of (seed, epoch, index): a resumed run replays them exactly.
+        world_size, rank = _distributed_world()
+        sampler = EpochSeededSampler(self.train_dataset, num_replicas=world_size, rank=rank, seed=self.seed)
+        # Crops are all crop_size, so pad_collate only stacks; drop_last keeps batch statistics even.
+        return DataLoader(EpochSeededDataset(self.train_dataset, self.seed), batch_size=self.batch_size,
+                          sampler=sampler, drop_last=True, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            self.setup("validate")
+        world_size, rank = _distributed_world()
+        sampler = None
+        if world_size > 1:
+            from fcnseg.data.samplers import UnpaddedDistributedSampler
+
+            sampler = UnpaddedDistributedSampler(self.val_dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
+                          **self._loader_kwargs())

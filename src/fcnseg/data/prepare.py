@@ -1,0 +1,135 @@
+"""The ``prepare`` stage: put a dataset in the VOC layout under ``data_dir``, ready for the reader.
+
+A dataset directory counts as ready only when its ``.complete`` marker exists. The marker is written last, after
+the archive was extracted elsewhere and renamed into place, so a prepare killed at any moment (even SIGKILL)
+leaves nothing that looks ready; the next run removes the leftovers (``*.tmp-*``, unmarked directories) and
+finishes the job. Concurrent prepares of one ``data_dir`` wait for each other (a file lock).
+
+Layout under ``data_dir``::
+
+    downloads/VOCtrainval_11-May-2012.tar     (where data.dvc puts it)    downloads/benchmark.tgz
+    VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets,...,.complete}
+    SBD/benchmark_RELEASE/dataset/{cls,img,inst,train.txt,val.txt,.complete}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from filelock import FileLock
+
+from fcnseg.data.fetch import SBD, SBD_WAYS_OUT, VOC2012_TRAINVAL, VOC_WAYS_OUT, Resource, download, \
+    safe_extract, use_local_tarball
+from fcnseg.errors import ConfigError
+
+COMPLETE_MARKER = ".complete"
+SOURCES = ("voc", "synthetic")
+VOC_DIRS = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
+
+
+def voc_root(data_dir: str | Path) -> Path:
+    return Path(data_dir) / "VOCdevkit" / "VOC2012"
+
+
+def sbd_root(data_dir: str | Path) -> Path:
+    return Path(data_dir) / "SBD" / "benchmark_RELEASE" / "dataset"
+
+
+def is_complete(root: str | Path) -> bool:
+    return (Path(root) / COMPLETE_MARKER).is_file()
+
+
+def _remove(path: Path) -> None:
+    """Removes a leftover: renamed aside first (atomic) so a kill mid-delete still leaves only a ``*.tmp-*``."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return
+    aside = path.with_name(f"{path.name}.tmp-stale-{os.getpid()}")
+    os.replace(path, aside)
+    shutil.rmtree(aside)
+
+
+def _write_marker(root: Path, resource: Resource) -> None:
+    temp = root / f"{COMPLETE_MARKER}.tmp-{os.getpid()}"
+    temp.write_text(json.dumps({"archive": resource.filename, "md5": resource.md5}) + "\n")
+    os.replace(temp, root / COMPLETE_MARKER)
+
+
+def _extract_once(root: Path, resource: Resource, subdir: str, data_dir: Path, local: str | Path | None,
+                  ways_out: str, progress: bool) -> Path:
+    """``root`` from ``subdir`` of the archive (a local copy if given, else downloaded or already downloaded)."""
+    if is_complete(root):
+        return root
+    downloads = data_dir / "downloads"
+    if local is not None:
+        archive = use_local_tarball(local, resource, downloads)
+    else:  # returns the DVC-tracked/earlier download at once when it verifies
+        archive = download(resource, downloads, progress=progress, ways_out=ways_out)
+    for leftover in root.parent.glob(f"{root.name}.tmp-*"):  # killed runs' temp dirs (the lock: none is running)
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+    if root.exists() or root.is_symlink():
+        _remove(root)  # there but unmarked: an interrupted run or a foreign copy, never trusted
+    if progress:
+        print(f"extracting {archive} into {root}", file=sys.stderr, flush=True)
+    safe_extract(archive, root, subdir=subdir, progress=progress)
+    _write_marker(root, resource)
+    return root
+
+
+def prepare_voc(data_dir: str | Path, tarball: str | Path | None = None, sbd: bool = False,
+                sbd_tarball: str | Path | None = None, *, progress: bool = True,
+                voc_resource: Resource | None = None, sbd_resource: Resource | None = None) -> Path:
+    """Makes ``<data_dir>/VOCdevkit/VOC2012`` (and with ``sbd``, ``<data_dir>/SBD/benchmark_RELEASE/dataset``)
+    ready, and returns the VOC root. Archives: the given local copies (verified), else the ones already in
+    ``<data_dir>/downloads`` (verified), else downloaded there."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(data_dir / ".prepare.lock"):
+        root = _extract_once(voc_root(data_dir), voc_resource or VOC2012_TRAINVAL, "VOCdevkit/VOC2012", data_dir,
+                             tarball, VOC_WAYS_OUT, progress)
+    if sbd or sbd_tarball is not None:
+        prepare_sbd(data_dir, sbd_tarball, progress=progress, resource=sbd_resource)
+    return root
+
+
+def prepare_sbd(data_dir: str | Path, sbd_tarball: str | Path | None = None, *, progress: bool = True,
+                resource: Resource | None = None) -> Path:
+    """Makes ``<data_dir>/SBD/benchmark_RELEASE/dataset`` (SBD's cls/, img/, train.txt, val.txt) ready; returns it."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(data_dir / ".prepare.lock"):
+        return _extract_once(sbd_root(data_dir), resource or SBD, "benchmark_RELEASE/dataset", data_dir, sbd_tarball,
+                             SBD_WAYS_OUT, progress)
+
+
+def _looks_like_voc(root: Path) -> bool:
+    return all((root / name).is_dir() for name in VOC_DIRS)
+
+
+def prepare(data_cfg: dict, data_dir: str | Path) -> Path:
+    """The pipeline's prepare stage for the ``data`` config group; returns the dataset root (``data.root``)."""
+    source = data_cfg.get("source")
+    if source == "synthetic":
+        from fcnseg.data.synthetic import write_synthetic_voc
+
+        return write_synthetic_voc(data_cfg["root"], **data_cfg.get("synthetic", {}))
+    if source == "voc":
+        root = Path(data_cfg.get("root") or voc_root(data_dir))
+        if root.resolve() != voc_root(data_dir).resolve():
+            # data.root moved to a VOC2012 directory the user already has (e.g. a shared copy): use it as it is.
+            if not _looks_like_voc(root):
+                raise ConfigError(f"data.root={root} is not a VOC2012 directory (needs {', '.join(VOC_DIRS)}); "
+                                  f"point it at one, or leave it at {voc_root(data_dir)} to fetch VOC there")
+            if data_cfg.get("sbd") or data_cfg.get("sbd_tarball"):
+                prepare_sbd(data_dir, data_cfg.get("sbd_tarball"))
+            return root
+        return prepare_voc(data_dir, tarball=data_cfg.get("tarball"), sbd=bool(data_cfg.get("sbd")),
+                           sbd_tarball=data_cfg.get("sbd_tarball"))
+    raise ConfigError(f"data.source={source!r} is not known; valid sources: {', '.join(SOURCES)}")

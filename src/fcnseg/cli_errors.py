@@ -11,6 +11,18 @@ from fcnseg.errors import FcnsegError
 USER_ERROR_EXIT = 2
 
 
+def user_message(exc: BaseException) -> str:
+    """The error's one line. An error raised in a DataLoader worker comes back wrapped in the worker's traceback
+    ("Caught DataError in DataLoader worker process 0 … Original Traceback …"): keep only its own message."""
+    text = str(exc).strip()
+    lines = text.splitlines()
+    if len(lines) > 1 and "Original Traceback" in text:
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        last = lines[-1].strip()
+        return last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
+    return " ".join(line.strip() for line in lines)
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(USER_ERROR_EXIT)
@@ -21,7 +33,7 @@ def exit_on_user_error() -> Iterator[None]:
     try:
         yield
     except FcnsegError as exc:
-        fail(str(exc))
+        fail(user_message(exc))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -72,8 +72,9 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
-        callback = getattr(self._trainer, "checkpoint_callback", None)
-        last_good = (callback.last_model_path or callback.best_model_path) if callback else ""
+        callbacks = getattr(self._trainer, "checkpoint_callbacks", None) or []
+        paths = [path for cb in callbacks for path in (cb.last_model_path, cb.best_model_path) if path]
+        last_good = next((path for path in paths if Path(path).name == "last.ckpt"), paths[0] if paths else "")
         where = f"last good checkpoint kept at {last_good}" if last_good else "no checkpoint was written yet"
         raise FcnsegError(
             f"non-finite training loss ({loss.item()}) at step {self.global_step} (epoch {self.current_epoch}); "

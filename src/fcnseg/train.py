@@ -68,8 +68,10 @@ def csv_rows_before(metrics_csv: Path, checkpoint: str | None) -> list[dict[str,
 
 
 def prepend_csv_rows(metrics_csv: Path, rows: list[dict[str, str]]) -> None:
-    with metrics_csv.open(newline="") as handle:
-        new_rows = list(csv.DictReader(handle))
+    new_rows = []
+    if metrics_csv.is_file():  # absent when the resumed run had nothing left to train
+        with metrics_csv.open(newline="") as handle:
+            new_rows = list(csv.DictReader(handle))
     fields = sorted({key for row in rows + new_rows for key in row})
     with metrics_csv.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -111,9 +113,14 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     logger = tracking.create_logger(cfg, output_dir)
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir, filename="best", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
-        save_last=cfg.checkpoint.save_last, save_top_k=1, enable_version_counter=False,
+        save_top_k=1, enable_version_counter=False,
     )
     callbacks = [checkpoint, RngStateCheckpoint()] + ([LearningRateMonitor("epoch")] if logger else [])
+    if cfg.checkpoint.save_last:
+        # Lightning 2.6's save_last only writes when a top-k checkpoint was written in the same step, so an
+        # epoch that does not improve would leave last.ckpt behind: a monitor-less callback writes it every epoch.
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                                         enable_version_counter=False))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg["precision"])
     resume_from = resolve_resume_checkpoint(cfg.ckpt_path, checkpoint_dir)

@@ -38,6 +38,8 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     so loss and metrics ignore the padding)."""
     height = max(image.shape[-2] for image, _ in batch)
     width = max(image.shape[-1] for image, _ in batch)
+    if all(image.shape[-2:] == (height, width) for image, _ in batch):  # training crops: nothing to pad
+        return torch.stack([image for image, _ in batch]), torch.stack([torch.as_tensor(m).long() for _, m in batch])
     images, masks = [], []
     for image, mask in batch:
         pad = (0, width - image.shape[-1], 0, height - image.shape[-2])  # (left, right, top, bottom)
@@ -132,6 +134,9 @@ class VOCDataModule(L.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
             "collate_fn": pad_collate,
             "worker_init_fn": partial(seed_worker, rank=self._rank()),
+            # Each new loader iterator (fresh workers after a resume, say) draws a base seed; from its own
+            # generator, not the global one, so dropout after a resume draws what the uninterrupted run drew.
+            "generator": torch.Generator().manual_seed(self.seed),
         }
 
     def train_dataloader(self) -> DataLoader:
@@ -142,6 +147,10 @@ class VOCDataModule(L.LightningDataModule):
         # Shuffle and augmentation are functions of (seed, epoch, index): a resumed run replays them exactly.
         world_size, rank = _distributed_world()
         sampler = EpochSeededSampler(self.train_dataset, num_replicas=world_size, rank=rank, seed=self.seed)
+        if self.trainer is not None:
+            # Lightning creates the first iterator (whose workers prefetch at once) before it calls set_epoch, so a
+            # resumed run would replay epoch 0's order and crops in its first epoch: start at the loop's epoch.
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         # Crops are all crop_size, so pad_collate only stacks; drop_last keeps batch statistics even.
         return DataLoader(EpochSeededDataset(self.train_dataset, self.seed), batch_size=self.batch_size,
                           sampler=sampler, drop_last=True, **self._loader_kwargs())

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES
@@ -53,7 +53,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))  # a writable copy: torch warns on read-only arrays
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+    except Exception as err:  # PIL's decoders raise many types on damaged bytes (found by fuzzing): all bad files
         raise DataError(f"cannot read image {path} ({_reason(err)}); re-extract the dataset or remove the file "
                         "and its id from the split") from err
 
@@ -72,7 +72,9 @@ def read_label(path: Path) -> np.ndarray:
                     "palette"
                 )
             return np.array(label, dtype=np.uint8)  # mode P: the palette indices, never the colours
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+    except DataError:
+        raise
+    except Exception as err:  # as in read_image: any decoder failure is a bad file
         raise DataError(f"cannot read label {path} ({_reason(err)}); re-extract the dataset or remove the file "
                         "and its id from the split") from err
 

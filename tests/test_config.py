@@ -51,7 +51,7 @@ def test_quickstart_is_offline_tiny_and_cpu():
     cfg = _compose(["experiment=quickstart"])
     assert cfg.data.source == "synthetic"
     assert cfg.model.net.backbone_weights is None  # nothing to download
-    assert cfg.model.net.width == 0.25
+    assert cfg.model.net.width == 0.125
     assert cfg.trainer.accelerator == "cpu"
     # the prepare stage must not depend on the VOC tarball (data.dvc), or a fresh clone could not run it offline
     assert "VOCtrainval" not in cfg.data.prepare_dep

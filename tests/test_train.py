@@ -78,7 +78,7 @@ def test_staged_training_initialises_fcn16s_from_fcn32s(tmp_path):
     run_training(tiny_overrides(tmp_path / "s32", epochs=1, model="fcn32s", tracking=False))
     coarse = tmp_path / "s32" / "out" / "checkpoints" / "best.ckpt"
     run_training(tiny_overrides(tmp_path / "s16", epochs=1, model="fcn16s", tracking=False)
-                 + [f"model.init_from={coarse}", "optim.optimizer.lr=1e-12", "optim.bias_lr_mult=1"])
+                 + [f"model.init_from={coarse}", "optim.lr=1e-12", "optim.bias_lr_mult=1"])
     coarse_state = torch.load(coarse, weights_only=True)["state_dict"]
     fine_state = torch.load(tmp_path / "s16" / "out" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     # with a vanishing learning rate, the shared layers still hold the FCN-32s weights

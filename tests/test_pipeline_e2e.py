@@ -103,3 +103,25 @@ def test_quickstart_pipeline_runs_every_stage_and_registers_a_champion(fresh_pro
     image = np.random.default_rng(1).integers(0, 255, (41, 59, 3), dtype=np.uint8)
     prediction = model.predict(pd.DataFrame({"image": [encode_image(image)]}))
     assert decode_label_map(prediction["mask"][0]).shape == (41, 59)
+
+
+@pytest.mark.slow
+def test_mlproject_entry_point_trains_into_the_run_mlflow_started(fresh_project, tmp_path):
+    """`mlflow run . -e quickstart --env-manager local`, as the README shows (one epoch): the training logs into the
+    run MLflow opened for the project, which ends FINISHED with the metrics and the model."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlproject.db'}"
+    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+    env_uri = {"MLFLOW_TRACKING_URI": uri}
+    result = run(fresh_project, "env", *(f"{k}={v}" for k, v in env_uri.items()), mlflow_cli, "run", ".", "-e",
+                 "quickstart", "-P", "max_epochs=1", "--env-manager", "local", "--experiment-name", "mlproject")
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("mlproject")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, result.stderr[-2000:]  # one run: MLflow's, not a second one made by training
+    project_run = runs[0]
+    assert project_run.info.status == "FINISHED"
+    assert {"val/mean_iou", "val/loss", "train/loss_epoch"} <= set(project_run.data.metrics)
+    assert project_run.data.params.get("model.net.name") == "fcn8s"
+    assert project_run.data.tags.get("mlflow.project.entryPoint") == "quickstart"

@@ -62,3 +62,6 @@ def _restore_mlflow_default_uris(monkeypatch):
 
     monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
     monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID (an id in that test's store): undone after the test
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "unset")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")

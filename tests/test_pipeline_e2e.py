@@ -72,7 +72,7 @@ def test_quickstart_pipeline_runs_every_stage_and_registers_a_champion(fresh_pro
     assert "mean_iou" in shown.stdout
 
     # every stage's deps/params/outs are declared: nothing left to re-run
-    status = run(fresh_project, dvc, "status")
+    status = run(fresh_project, dvc, "status", "--with-deps", "register")  # every stage (data.dvc is not one)
     assert "changed" not in status.stdout, status.stdout
     experiments = run(fresh_project, dvc, "exp", "show", "--json")
     assert "mean_iou" in experiments.stdout

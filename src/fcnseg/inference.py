@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -77,30 +76,15 @@ class Segmenter:
 
         Reads the checkpoint without Lightning (which takes seconds to import and is not needed to predict).
         """
-        from fcnseg.errors import CheckpointError
         from fcnseg.models import build_fcn
+        from fcnseg.models.weights import load_checkpoint_state, read_fcnseg_checkpoint
 
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint not found: {path}; pass a .ckpt written by fcnseg train or "
-                                  f"import-weights")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated, corrupt or foreign file
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {first_line}); it must be "
-                                  f"a .ckpt written by fcnseg train or import-weights") from exc
-        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-        if not isinstance(hparams, Mapping) or not isinstance(hparams.get("net"), Mapping) or "state_dict" not in checkpoint:
-            raise CheckpointError(f"{path} is not an fcnseg checkpoint (no model hyperparameters or state_dict)")
+        checkpoint = read_fcnseg_checkpoint(path)
+        hparams = checkpoint["hyper_parameters"]
         net_config = {key: value for key, value in hparams["net"].items() if key != "_target_"}
         net = build_fcn(**{**net_config, "backbone_weights": None})  # the checkpoint holds every weight
         state = {key[len("net."):]: value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")}
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise CheckpointError(f"{path} does not match its recorded model: {first_line}") from exc
+        load_checkpoint_state(net, state, path)
         class_names = hparams.get("class_names") or VOC_CLASSES[: hparams.get("num_classes", len(VOC_CLASSES))]
         return cls(net, hparams.get("normalization", "imagenet"), list(class_names), device)
 

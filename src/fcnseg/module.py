@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from fcnseg.data.classes import IGNORE_INDEX, VOC_CLASSES
-from fcnseg.errors import CheckpointError, FcnsegError
+from fcnseg.errors import FcnsegError
 from fcnseg.metrics import SegmentationMetrics
+from fcnseg.models.weights import load_checkpoint_state, read_fcnseg_checkpoint
 
 
 def poly_schedule(total_steps: int, power: float = 0.9):
@@ -137,23 +138,9 @@ def load_module(checkpoint_path: str | Path, map_location: str | torch.device = 
 
     The backbone is not re-fetched (``backbone_weights=None``): the checkpoint holds all trained weights.
     """
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}; pass the path of a .ckpt file written by fcnseg train")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # a truncated, corrupt or foreign file: say so in one line
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {first_line}); it must be a "
-                              f".ckpt written by fcnseg training or import-weights") from exc
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not hparams or "net" not in hparams or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not an fcnseg training checkpoint (no model hyperparameters or state_dict)")
-    net_cfg = {**hparams["net"], "backbone_weights": None}
-    module = SegmentationModule(**{**hparams, "net": net_cfg})
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path} does not match its recorded model: {first_line}") from exc
+    checkpoint = read_fcnseg_checkpoint(checkpoint_path)
+    hparams = checkpoint["hyper_parameters"]
+    module = SegmentationModule(**{**hparams, "net": {**hparams["net"], "backbone_weights": None}})
+    load_checkpoint_state(module, checkpoint["state_dict"], checkpoint_path)
+    module.to(map_location)
     return module.eval()

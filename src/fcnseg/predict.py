@@ -92,14 +92,11 @@ def predict_files(inputs: list[str | Path], segmenter: Segmenter, out_dir: str |
                 # through tqdm, so the message is a line of its own, not glued to the progress bar
                 tqdm.write(f"error: {exc}; skipped", file=sys.stderr)
                 bar.update(1)
-        whole = [item for item in chunk if not (tile_size and max(item[2].shape[:2]) > tile_size)]
-        label_maps = dict(zip((id(item) for item in whole),
-                              segmenter.predict_many([item[2] for item in whole], batch_size)))
-        for item in chunk:
-            path, stem, image = item
-            label_map = label_maps.get(id(item))
-            if label_map is None:
-                label_map = segmenter.predict_sliding(image, tile_size)  # type: ignore[arg-type]
+        # whole images share batches; those larger than tile_size go window by window
+        whole = [i for i, (_, _, image) in enumerate(chunk) if not (tile_size and max(image.shape[:2]) > tile_size)]
+        label_maps = dict(zip(whole, segmenter.predict_many([chunk[i][2] for i in whole], batch_size)))
+        for i, (path, stem, image) in enumerate(chunk):
+            label_map = label_maps[i] if i in label_maps else segmenter.predict_sliding(image, tile_size)
             summary.written.append(write_outputs(image, label_map, stem, out_dir, segmenter.class_names))
             bar.update(1)
     bar.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -104,6 +105,7 @@ def _limit_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
+@functools.cache  # one class, however often it is asked for
 def _make_resilient_logger_class():
     from lightning.pytorch.loggers import MLFlowLogger
     from lightning.pytorch.utilities import rank_zero_warn
@@ -199,11 +201,15 @@ def create_logger(cfg: DictConfig, output_dir: Path):
     return logger
 
 
+def config_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config flattened into MLflow params (values cut to MLflow's 500-character limit)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return {key: ("" if value is None else str(value)[:500]) for key, value in flatten(container).items()}
+
+
 def log_config(logger, cfg: DictConfig) -> None:
     """The full resolved config: flattened as params (for the compare view) and as a YAML artifact."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    params = {key: ("" if value is None else str(value)[:500]) for key, value in flatten(container).items()}
-    logger.log_hyperparams(params)
+    logger.log_hyperparams(config_params(cfg))
     logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
 
@@ -304,9 +310,8 @@ def sync_run(output_dir: str | Path, tracking_uri: str | None = None) -> str:
         run_id = client.create_run(experiment.experiment_id, run_name=cfg.tracking.run_name or cfg.model.name,
                                    tags={"model": cfg.model.name, "dataset": cfg.data.name,
                                          "data_version": data_version(cfg.data.root)}).info.run_id
-        container = OmegaConf.to_container(cfg, resolve=True)
-        for key, value in flatten(container).items():
-            client.log_param(run_id, key, "" if value is None else str(value)[:500])
+        for key, value in config_params(cfg).items():
+            client.log_param(run_id, key, value)
         client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     metrics = []
     with metrics_file.open() as handle:

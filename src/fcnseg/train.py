@@ -62,7 +62,8 @@ def csv_rows_before(metrics_csv: Path, checkpoint: str | None) -> list[dict[str,
     """Rows of a resumed run's metrics.csv up to its checkpoint's step (Lightning's CSVLogger deletes the file)."""
     if not checkpoint or not metrics_csv.is_file():
         return []
-    step = torch.load(checkpoint, map_location="cpu", weights_only=True).get("global_step", 0)
+    # mmap: only the step is read here, not the weights (Lightning loads the checkpoint itself right after)
+    step = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
     with metrics_csv.open(newline="") as handle:
         return [row for row in csv.DictReader(handle) if row.get("step") and int(float(row["step"])) <= step]
 

@@ -1,16 +1,16 @@
 """LightningDataModule for VOC-layout data: random crops for training, whole images (padded per batch) for validation.
 
-Seeding: albumentations 2.x ``Compose`` keeps its own random generator, untouched by ``seed_everything``, and a
-DataLoader hands each worker a copy of it in the same state, so without care every worker would draw the same
-augmentations. :func:`seed_worker` (the loaders' ``worker_init_fn``) seeds the global RNGs as Lightning's
-``pl_worker_init_function`` does and then reseeds the worker's ``Compose`` from that per-worker, per-rank,
-per-epoch seed. Lightning only adds its own ``worker_init_fn`` when there is none, so this one replaces it.
+Seeding: a training sample's shuffle position and augmentation are functions of ``(seed, epoch, index)`` only
+(:class:`~fcnseg.data.samplers.EpochSeededSampler` + :class:`~fcnseg.data.samplers.EpochSeededDataset`), never of
+worker or process state, so workers draw distinct augmentations and a resumed run replays exactly. Workers are still
+initialised with Lightning's ``pl_worker_init_function`` (per-worker, per-rank global RNG seeds) for user transforms
+that draw from NumPy or ``random``.
 
 Distributed validation: under DDP the validation loader gets an :class:`UnpaddedDistributedSampler`, so every
 image is evaluated exactly once across ranks. Lightning keeps a sampler that is a ``DistributedSampler`` (sub)class
 (``_requires_distributed_sampler`` in Lightning 2.x), so this works with the default
 ``use_distributed_sampler=True``; Lightning's own would pad with repeated images, which the metrics would count
-twice. The training loader is left to Lightning, which swaps in a shuffling ``DistributedSampler``.
+twice. The training sampler is an ``EpochSeededSampler``, a ``DistributedSampler`` too, so Lightning keeps it.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from functools import partial
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.fabric.utilities.seed import pl_worker_init_function
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader
 
 from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
 from fcnseg.data.transforms import build_eval_transform, build_train_transform
@@ -46,15 +45,6 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
         images.append(F.pad(image, pad, value=0.0))
         masks.append(F.pad(torch.as_tensor(mask).long(), pad, value=IGNORE_INDEX))
     return torch.stack(images), torch.stack(masks)
-
-
-def seed_worker(worker_id: int, rank: int = 0) -> None:
-    """``worker_init_fn``: Lightning's worker seeding, then a distinct seed for this worker's albumentations."""
-    pl_worker_init_function(worker_id, rank=rank)
-    info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info is not None else None
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(int(np.random.randint(0, 2**31 - 1)))  # numpy was just seeded per worker/rank
 
 
 def _distributed_world() -> tuple[int, int]:
@@ -133,7 +123,7 @@ class VOCDataModule(L.LightningDataModule):
             "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,
             "collate_fn": pad_collate,
-            "worker_init_fn": partial(seed_worker, rank=self._rank()),
+            "worker_init_fn": partial(pl_worker_init_function, rank=self._rank()),
             # Each new loader iterator (fresh workers after a resume, say) draws a base seed; from its own
             # generator, not the global one, so dropout after a resume draws what the uninterrupted run drew.
             "generator": torch.Generator().manual_seed(self.seed),

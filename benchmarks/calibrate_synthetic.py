@@ -19,59 +19,34 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES  # noqa: E402
+from fcnseg.data.voc import VOCSegmentation  # noqa: E402
+from fcnseg.metrics import confusion_matrix, metrics_from_confusion  # noqa: E402
 from fcnseg.data.synthetic import write_synthetic_voc  # noqa: E402
 from fcnseg.data.transforms import build_eval_transform, build_train_transform  # noqa: E402
 from fcnseg.models import build_fcn  # noqa: E402
 
 
-class VOCLayout(Dataset):
-    """Minimal reader of the VOC layout (kept here so the script does not depend on the datamodule)."""
-
-    def __init__(self, root: Path, split: str, transform) -> None:
-        self.root = root
-        self.ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int):
-        image = np.asarray(Image.open(self.root / "JPEGImages" / f"{self.ids[i]}.jpg").convert("RGB"))
-        mask = np.array(Image.open(self.root / "SegmentationClass" / f"{self.ids[i]}.png"))
-        out = self.transform(image=image, mask=mask)
-        return out["image"], out["mask"]
-
-
-def mean_iou(hist: torch.Tensor) -> tuple[float, list[float]]:
-    diag = hist.diag().double()
-    iou = diag / (hist.sum(0) + hist.sum(1) - diag).double()  # nan for classes absent from target and prediction
-    return float(np.nanmean(iou.numpy())), iou.tolist()
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader) -> tuple[float, list[float]]:
+    """Validation mean IoU and per-class IoU, from fcnseg's own confusion matrix and metrics."""
     model.eval()
     hist = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     for image, mask in loader:
-        pred = model(image).argmax(1)
-        keep = mask != IGNORE_INDEX
-        hist += torch.bincount(mask[keep] * NUM_CLASSES + pred[keep], minlength=NUM_CLASSES**2).view(
-            NUM_CLASSES, NUM_CLASSES
-        )
-    return mean_iou(hist)
+        hist += confusion_matrix(model(image).argmax(1), mask, NUM_CLASSES)
+    metrics = metrics_from_confusion(hist)
+    return float(metrics["mean_iou"]), metrics["per_class_iou"].tolist()
 
 
 def train_one(name: str, root: Path, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    train_set = VOCLayout(
+    train_set = VOCSegmentation(
         root, "train", build_train_transform(args.crop, 0.75, 1.25, hflip=True, seed=args.seed)
     )
-    val_set = VOCLayout(root, "val", build_eval_transform())
+    val_set = VOCSegmentation(root, "val", build_eval_transform())
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
                               generator=torch.Generator().manual_seed(args.seed))
     val_loader = DataLoader(val_set, batch_size=16)

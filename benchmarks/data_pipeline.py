@@ -32,13 +32,12 @@ def write_voc_like(root: Path, count: int, seed: int = 0) -> Path:
     """``count`` JPEGs at VOC sizes (500 wide, 333-500 high) with palette PNG labels, in
     ``root/VOCdevkit/VOC2012``. Images are smooth (low-frequency colour + objects), so JPEG decode costs what it
     costs on photographs, not on noise."""
-    from fcnseg.data.classes import voc_palette
+    from fcnseg.viz import save_label_png
 
     voc = root / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (voc / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    palette = voc_palette().ravel().tolist()
     ids = []
     for i in range(count):
         height, width = int(rng.choice([333, 375, 375, 375, 500])), 500
@@ -54,9 +53,7 @@ def write_voc_like(root: Path, count: int, seed: int = 0) -> Path:
             label[y0:y0 + 3, x0:x1] = 255  # a void band, as VOC's object boundaries
         image_id = f"2007_{i:06d}"
         Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=90)
-        png = Image.fromarray(label, mode="P")
-        png.putpalette(palette)
-        png.save(voc / "SegmentationClass" / f"{image_id}.png")
+        save_label_png(label, voc / "SegmentationClass" / f"{image_id}.png")
         ids.append(image_id)
     text = "".join(f"{i}\n" for i in ids)
     (voc / "ImageSets" / "Segmentation" / "train.txt").write_text(text)
@@ -254,13 +251,9 @@ def breakdown(voc: Path, crop: int, count: int) -> dict[str, float]:
               sample.image)
         timed("alt: torchvision.io.decode_jpeg", _decode_tv, sample.image)
 
-    # A suggested order: crop (uint8, padded with the ImageNet mean colour) before ColorJitter and Normalize, so
-    # those run on crop_size² pixels instead of the whole rescaled image (up to 4x the original's pixels).
-    crop_first = crop_first_transform(crop, color_jitter=0.2)
     for sample in samples:
         image, mask = read_image(sample.image), read_label(sample.label)
-        timed("alt: whole fcnseg transform, current order", transform, image=image, mask=mask)
-        timed("alt: whole fcnseg transform, crop before jitter+normalize", crop_first, image=image, mask=mask)
+        timed("fcnseg: whole train transform", transform, image=image, mask=mask)
 
     reference = reference_train_transform(crop)
     for sample in samples:
@@ -271,23 +264,6 @@ def breakdown(voc: Path, crop: int, count: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     # medians: the first calls pay lazy imports and allocator warm-up
     return {name: round(statistics.median(values), 3) for name, values in stages.items()}
-
-
-def crop_first_transform(crop: int, color_jitter: float):
-    import albumentations as A
-    import cv2
-
-    mean_colour = (124, 116, 104)  # ImageNet mean x 255, rounded: ~0 after Normalize
-    return A.Compose([
-        A.RandomScale(scale_limit=(-0.5, 1.0), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
-                      p=1.0),
-        A.HorizontalFlip(p=0.5),
-        A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=mean_colour, fill_mask=255),
-        A.RandomCrop(crop, crop),
-        A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0),
-        A.Normalize(),
-        A.ToTensorV2(),
-    ], strict=True, seed=0)
 
 
 def _loaded(image):

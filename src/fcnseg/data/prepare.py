@@ -70,10 +70,7 @@ def _extract_once(root: Path, resource: Resource, subdir: str, data_dir: Path, l
     else:  # returns the DVC-tracked/earlier download at once when it verifies
         archive = download(resource, downloads, progress=progress, ways_out=ways_out)
     for leftover in root.parent.glob(f"{root.name}.tmp-*"):  # killed runs' temp dirs (the lock: none is running)
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
+        _remove(leftover)
     if root.exists() or root.is_symlink():
         _remove(root)  # there but unmarked: an interrupted run or a foreign copy, never trusted
     if progress:

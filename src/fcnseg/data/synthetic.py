@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES, voc_palette
+from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES
 from fcnseg.errors import DataError
+from fcnseg.viz import save_label_png
 
 GENERATOR_VERSION = 1  # bump when the drawing code changes, so stale datasets on disk are rewritten
 JPEG_QUALITY = 95
@@ -232,16 +233,13 @@ def _write_all(tmp: Path, p: SyntheticParams) -> None:
     sets = tmp / "ImageSets" / "Segmentation"
     for d in (images, labels, sets):
         d.mkdir(parents=True)
-    palette = voc_palette(256).reshape(-1).tolist()
     ids = {"train": [], "val": []}
     for index in range(p.num_train + p.num_val):
         split = "train" if index < p.num_train else "val"
         image_id = f"synth_{index:06d}"
         image, label = render_sample(p, index)
         Image.fromarray(image, mode="RGB").save(images / f"{image_id}.jpg", quality=JPEG_QUALITY)
-        png = Image.fromarray(label, mode="P")
-        png.putpalette(palette)
-        png.save(labels / f"{image_id}.png")
+        save_label_png(label, labels / f"{image_id}.png")
         ids[split].append(image_id)
     for split, names in (*ids.items(), ("trainval", ids["train"] + ids["val"])):
         (sets / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))

@@ -5,6 +5,7 @@ crash or hang of DataLoader workers."""
 from __future__ import annotations
 
 import io
+import multiprocessing
 import tempfile
 from pathlib import Path
 
@@ -119,8 +120,15 @@ def test_bad_files_behind_dataloader_workers_raise_the_data_error(tmp_path):
     label.write_bytes(label.read_bytes()[:40])
     (root / "JPEGImages" / "img6.jpg").write_bytes(b"\x00" * 100)
     loader = torch.utils.data.DataLoader(VOCSegmentation(root, "train"), batch_size=2, num_workers=2, timeout=60)
-    with pytest.raises(DataError, match="img[56]") as info:
-        list(loader)
+    batches = iter(loader)
+    try:
+        with pytest.raises(DataError, match="img[56]") as info:
+            list(batches)
+    finally:
+        # The traceback keeps the iterator alive in a reference cycle; left to the garbage collector, its shutdown
+        # takes 2 x 5 s of worker joins in whatever thread happens to collect (once: a later test's HTTP server).
+        batches._shutdown_workers()
+    assert not multiprocessing.active_children(), "loader workers outlived the error"
     # torch re-raises it with the worker's traceback appended; what the user is shown is the one line
     from fcnseg.cli_errors import user_message
 

@@ -61,7 +61,7 @@ def train_one(name: str, root: Path, args: argparse.Namespace) -> dict:
         total = 0.0
         for image, mask in train_loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(image), mask)
+            loss = loss_fn(model(image), mask.long())  # the loaders keep masks uint8
             loss.backward()
             optimizer.step()
             total += loss.item()

@@ -30,6 +30,22 @@ def test_loss_ignores_void_pixels():
     assert torch.allclose(module.criterion(logits, voided), expected)
 
 
+def test_uint8_masks_from_the_loader_give_the_same_loss_and_metrics_as_int64():
+    module = make_module().eval()
+    images = torch.randn(2, 3, 24, 20)
+    masks = torch.randint(0, 21, (2, 24, 20), dtype=torch.uint8)
+    masks[:, :3] = 255
+    with torch.no_grad():
+        loss_u8, logits = module._shared_step((images, masks))
+        loss_i64, _ = module._shared_step((images, masks.long()))
+    assert torch.equal(loss_u8, loss_i64)
+    module.val_metrics.update(logits, masks)
+    from_u8 = module.val_metrics.compute()["confusion_matrix"].clone()
+    module.val_metrics.reset()
+    module.val_metrics.update(logits, masks.long())
+    assert torch.equal(from_u8, module.val_metrics.compute()["confusion_matrix"]) and int(from_u8.sum()) == 2 * 21 * 20
+
+
 def test_summed_loss_is_the_papers_unnormalised_sum():
     mean, summed = make_module().criterion, make_module(loss_reduction="sum").criterion
     logits, target = torch.randn(2, 21, 3, 5), torch.randint(0, 21, (2, 3, 5))

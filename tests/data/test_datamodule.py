@@ -25,7 +25,7 @@ def test_pad_collate_pads_images_with_zero_and_masks_with_void():
     small = (torch.ones(3, 2, 3), torch.full((2, 3), 4, dtype=torch.uint8))
     large = (torch.ones(3, 4, 2), torch.full((4, 2), 5, dtype=torch.uint8))
     images, masks = pad_collate([small, large])
-    assert images.shape == (2, 3, 4, 3) and masks.shape == (2, 4, 3) and masks.dtype == torch.int64
+    assert images.shape == (2, 3, 4, 3) and masks.shape == (2, 4, 3) and masks.dtype == torch.uint8
     assert torch.all(images[0, :, :2, :3] == 1) and torch.all(images[0, :, 2:] == 0)  # bottom padding
     assert torch.all(masks[0, :2, :3] == 4) and torch.all(masks[0, 2:] == 255)
     assert torch.all(images[1, :, :, 2] == 0) and torch.all(masks[1, :, 2] == 255)  # right padding
@@ -40,13 +40,13 @@ def test_train_and_val_batches(voc_root):
     assert len(train) == 3  # 6 images, batches of 2
     images, masks = next(iter(train))
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
-    assert masks.shape == (2, 32, 32) and masks.dtype == torch.int64
+    assert masks.shape == (2, 32, 32) and masks.dtype == torch.uint8  # widened on the device, not in the loader
 
     # validation: whole images of sizes 40x56, 33x47, 50x36 in one batch, padded to 50x56
     images, masks = next(iter(datamodule.val_dataloader()))
-    assert images.shape == (3, 3, 50, 56) and masks.shape == (3, 50, 56) and masks.dtype == torch.int64
+    assert images.shape == (3, 3, 50, 56) and masks.shape == (3, 50, 56) and masks.dtype == torch.uint8
     _, raw_mask = VOCSegmentation(voc_root, "val")[1]
-    assert torch.equal(masks[1, :33, :47], torch.from_numpy(raw_mask).long())
+    assert torch.equal(masks[1, :33, :47], torch.from_numpy(raw_mask))
     assert torch.all(masks[1, 33:] == 255) and torch.all(masks[1, :, 47:] == 255)
     assert torch.all(images[1, :, 33:] == 0) and torch.all(images[1, :, :, 47:] == 0)
 

@@ -24,7 +24,7 @@ def test_train_output_is_a_crop_of_crop_size(height, width):
     image, mask = constant_sample(height, width)
     out = transform(image=image, mask=mask)
     assert out["image"].shape == (3, 48, 48) and out["image"].dtype == torch.float32
-    assert out["mask"].shape == (48, 48) and out["mask"].dtype == torch.int64
+    assert out["mask"].shape == (48, 48) and out["mask"].dtype == torch.uint8
 
 
 def test_train_padding_is_void_in_the_mask_and_zero_in_the_image():
@@ -52,7 +52,7 @@ def test_eval_keeps_the_size_and_the_labels():
     mask[5:9, 3:40] = 255
     out = build_eval_transform()(image=image, mask=mask)
     assert out["image"].shape == (3, 33, 47)
-    assert torch.equal(out["mask"], torch.from_numpy(mask).long())
+    assert torch.equal(out["mask"], torch.from_numpy(mask))
 
 
 def test_imagenet_normalisation_is_rgb_mean_std():

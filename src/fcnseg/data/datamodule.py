@@ -34,16 +34,17 @@ from fcnseg.errors import ConfigError, DataError
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stacks ``(image 3xHxW, mask HxW)`` pairs of different sizes, padding bottom/right to the batch's largest
     height and width: images with 0 (the normalised input's zero, as the training crops pad), masks with 255 (void,
-    so loss and metrics ignore the padding)."""
+    so loss and metrics ignore the padding). Masks keep their dtype (uint8 from the transforms): the loss and the
+    metrics widen them on the device."""
     height = max(image.shape[-2] for image, _ in batch)
     width = max(image.shape[-1] for image, _ in batch)
     if all(image.shape[-2:] == (height, width) for image, _ in batch):  # training crops: nothing to pad
-        return torch.stack([image for image, _ in batch]), torch.stack([torch.as_tensor(m).long() for _, m in batch])
+        return torch.stack([image for image, _ in batch]), torch.stack([torch.as_tensor(m) for _, m in batch])
     images, masks = [], []
     for image, mask in batch:
         pad = (0, width - image.shape[-1], 0, height - image.shape[-2])  # (left, right, top, bottom)
         images.append(F.pad(image, pad, value=0.0))
-        masks.append(F.pad(torch.as_tensor(mask).long(), pad, value=IGNORE_INDEX))
+        masks.append(F.pad(torch.as_tensor(mask), pad, value=IGNORE_INDEX))
     return torch.stack(images), torch.stack(masks)
 
 

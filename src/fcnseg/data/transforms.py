@@ -63,10 +63,6 @@ def _normalize_steps(normalization: str) -> list[A.BasicTransform]:
     return steps
 
 
-def _to_tensor_steps() -> list[A.BasicTransform]:
-    return [A.ToTensorV2()]
-
-
 class RandomCropAtMost(A.RandomCrop):
     """``RandomCrop`` that keeps a side shorter than the crop whole instead of failing or padding.
 
@@ -122,13 +118,13 @@ def build_train_transform(
             fill_mask=IGNORE_INDEX,
         )
     )
-    steps += _to_tensor_steps()
+    steps.append(A.ToTensorV2())
     return A.Compose(steps, strict=True, seed=seed)
 
 
 def build_eval_transform(normalization: str = "imagenet") -> A.Compose:
     """The whole image at its own size: normalise and convert to tensors."""
-    return A.Compose(_normalize_steps(normalization) + _to_tensor_steps(), strict=True)
+    return A.Compose([*_normalize_steps(normalization), A.ToTensorV2()], strict=True)
 
 
 def normalize_image(image: np.ndarray, normalization: str = "imagenet") -> torch.Tensor:

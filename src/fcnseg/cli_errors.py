@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import sys
 from collections.abc import Iterator
 
@@ -51,18 +52,29 @@ def precheck_overrides(config_dir: str, config_name: str, argv: list[str] | None
     """Composes the config once before Hydra runs, so a malformed or unknown override ends in one line.
 
     Hydra's own report spans several lines (search path, hint to set HYDRA_FULL_ERROR); users need the one
-    that says what was wrong. Sweeps (-m) are checked for syntax only; Hydra flags are left to Hydra.
+    that says what was wrong. The command line is split as Hydra splits it (its own argument parser), so flag
+    values such as ``--cfg job`` or ``--package model`` are never taken for overrides. Sweeps (-m) are checked
+    for syntax only; help, info, shell completion, another config name/dir, and anything Hydra's parser
+    rejects are left to Hydra.
     """
     from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     args = sys.argv[1:] if argv is None else argv
-    if any(arg in ("--help", "-h", "--hydra-help", "--info", "-i") for arg in args):
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            parsed_args = get_args_parser().parse_args(args)
+    except SystemExit:
+        return  # Hydra reports its own usage errors (and --version) the same way
+    if (parsed_args.help or parsed_args.hydra_help or parsed_args.info or parsed_args.shell_completion
+            or parsed_args.config_path or parsed_args.config_name or parsed_args.config_dir
+            or parsed_args.experimental_rerun):
         return
-    multirun = any(arg in ("-m", "--multirun") for arg in args)
-    overrides = [arg for arg in args if not arg.startswith("-")]
+    multirun = parsed_args.multirun
+    overrides = list(parsed_args.overrides)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         if multirun or any(o.is_sweep_override() for o in parsed):

@@ -1,7 +1,11 @@
 """The MLflow pyfunc model: base64 image in, VOC label map (palette PNG, base64) and per-class pixel counts out.
 
-Served as it is by ``mlflow models serve -m models:/fcn-voc@champion --env-manager local``; its request is
-``{"dataframe_records": [{"image": "<base64 PNG or JPEG>"}]}``.
+The logged model is self-contained: it carries the few fcnseg modules inference needs (MLflow ``code_paths``:
+``code/fcnseg/…``, put on ``sys.path`` by ``mlflow.pyfunc.load_model``), a weights-only checkpoint (the net's
+``state_dict``, its hyperparameters, normalisation and class names; no optimiser state) and requirements that all
+install from PyPI, pinned to the versions it was logged with (never ``fcnseg``). So it loads where this checkout
+is absent: ``mlflow models serve -m models:/fcn-voc@champion`` (MLflow builds the environment) or a Docker image
+from ``mlflow models build-docker``. Its request is ``{"dataframe_records": [{"image": "<base64 PNG or JPEG>"}]}``.
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
+import tempfile
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -51,7 +58,8 @@ class FCNSegmenter(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from fcnseg.inference import Segmenter
 
-        self.segmenter = Segmenter.from_checkpoint(context.artifacts["checkpoint"])
+        # "checkpoint": models logged before the weights-only format (a whole training checkpoint)
+        self.segmenter = Segmenter.from_checkpoint(context.artifacts.get("weights") or context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from fcnseg.inference import read_image_bytes
@@ -77,15 +85,64 @@ class FCNSegmenter(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["mask", "height", "width", "class_pixels"])
 
 
+# What the model's code needs at inference (checked by tests/test_model_portability.py, which loads the model in a
+# Python where the project is not importable): paths relative to the fcnseg package.
+BUNDLED_MODULES = (
+    "__init__.py", "errors.py", "serving.py", "inference.py", "viz.py",
+    "data/__init__.py", "data/classes.py", "data/transforms.py",
+    "models/__init__.py", "models/fcn.py", "models/weights.py",
+)
+# Distributions those modules import (albumentations + OpenCV normalise the input as evaluation does).
+REQUIREMENTS = ("torch", "numpy", "pandas", "pillow", "albumentations", "opencv-python-headless")
+
+
+def pinned_requirements() -> list[str]:
+    """``name==version`` of each requirement as installed here (local tags such as ``+cpu`` dropped: PyPI has none)."""
+    return [f"{name}=={installed_version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def bundle_code(destination: Path) -> Path:
+    """Copies the modules inference needs into ``destination/fcnseg`` (a package MLflow puts on sys.path)."""
+    package = Path(__file__).resolve().parent
+    target = destination / "fcnseg"
+    for relative in BUNDLED_MODULES:
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(package / relative, target / relative)
+    return target
+
+
+def write_weights(checkpoint_path: str | Path, out_path: str | Path) -> Path:
+    """A weights-only copy of an fcnseg checkpoint: the net's tensors, its config, normalisation and class names.
+
+    Optimiser state, loop counters, RNG states and callbacks are left out; the file keeps the checkpoint layout
+    (``state_dict`` of ``net.*`` + ``hyper_parameters``), so ``Segmenter.from_checkpoint`` reads it as it is.
+    """
+    from fcnseg.models.weights import read_fcnseg_checkpoint
+
+    checkpoint = read_fcnseg_checkpoint(checkpoint_path)
+    hparams = checkpoint["hyper_parameters"]
+    weights = {
+        "state_dict": {key: value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")},
+        "hyper_parameters": {key: hparams[key] for key in ("net", "num_classes", "normalization", "class_names")
+                             if key in hparams},
+    }
+    torch.save(weights, out_path)
+    return Path(out_path)
+
+
 def log_pyfunc_model(checkpoint_path: str | Path, example_images: list[np.ndarray], name: str = "model") -> str:
-    """Logs the checkpoint as an MLflow pyfunc model in the active run; returns its model URI."""
+    """Logs the checkpoint's weights as a self-contained MLflow pyfunc model in the active run; returns its URI."""
     input_example = pd.DataFrame({"image": [encode_image(image) for image in example_images]})
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=FCNSegmenter(),
-        artifacts={"checkpoint": str(checkpoint_path)},
-        signature=SIGNATURE,
-        input_example=input_example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "fcnseg"],
-    )
+    with tempfile.TemporaryDirectory(prefix="fcnseg-model-") as tmp:
+        weights = write_weights(checkpoint_path, Path(tmp) / "weights.pt")
+        code = bundle_code(Path(tmp) / "code")
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=FCNSegmenter(),
+            artifacts={"weights": str(weights)},
+            code_paths=[str(code)],
+            signature=SIGNATURE,
+            input_example=input_example,
+            pip_requirements=pinned_requirements(),
+        )
     return info.model_uri

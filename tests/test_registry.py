@@ -46,9 +46,15 @@ def name():
     return f"fcn-test-{next(_names)}"  # each test gets its own registered model
 
 
-def add(store, name, iou, data="abc", model_uri=None):
-    version = registry.register_model(model_uri or store["model_uri"], name, val_mean_iou=iou,
-                                      data_version=data, client=store["client"], tags={"model": "fcn8s"})
+CLASSES = ("background", "cat", "dog")
+
+
+def add(store, name, iou, data="abc", model_uri=None, split="val", ids="1" * 64, per_class=None):
+    """A version scored on evaluation set (data, split, ids); per-class IoU all equal to ``iou`` unless given."""
+    version = registry.register_model(
+        model_uri or store["model_uri"], name, val_mean_iou=iou, data_version=data, client=store["client"],
+        tags={"model": "fcn8s"}, evaluation={"data_version": data, "eval_split": split, "eval_ids_sha256": ids},
+        per_class_iou=per_class if per_class is not None else dict.fromkeys(CLASSES, iou))
     return int(version.version)
 
 
@@ -92,7 +98,8 @@ def test_better_challenger_is_promoted(store, name):
     registry.promote(name, v1, client=store["client"])
     decision = registry.promote(name, v2, client=store["client"])
     assert decision.promoted and decision.previous_champion == v1
-    assert decision.summary() == f"promoted {name} v{v2} to champion: val mIoU 0.7312 > 0.7011 (v{v1}) on data abc"
+    assert decision.summary() == (f"promoted {name} v{v2} to champion: val mIoU 0.7312 > 0.7011 (v{v1}) on data abc, "
+                                  f"split val (ids 111111111111), no class drops by more than 0.0500")
     assert champion(store, name) == v2
     t = tags(store, name, v2)
     assert (t["promotion_decision"], t["compared_to_version"]) == ("promoted", str(v1))
@@ -119,13 +126,15 @@ def test_other_data_version_refused_via_cli_unless_forced(store, name):
     registry.promote(name, v1, client=store["client"])
     refused = cli(store, "promote", name, str(v2))
     assert refused.returncode == 0, refused.stderr
-    assert refused.stdout.strip() == (f"refused: v{v2} was evaluated on data abc, champion v{v1} on data def; "
-                                      f"use --force to promote anyway")
+    assert refused.stdout.strip() == (f"refused: v{v2} was evaluated on data abc, split val (ids 111111111111), "
+                                      f"champion v{v1} on data def, split val (ids 111111111111); not the same "
+                                      f"evaluation set, use --force to promote anyway")
     assert champion(store, name) == v1
     assert tags(store, name, v2)["promotion_decision"] == "refused"
     forced = registry.promote(name, v2, force=True, client=store["client"])
     assert forced.promoted and forced.summary().startswith(f"promoted {name} v{v2} to champion (forced)")
     assert champion(store, name) == v2
+    assert tags(store, name, v2)["promotion_forced"] == "true"
 
 
 def test_force_also_overrides_a_worse_score(store, name):

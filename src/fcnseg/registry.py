@@ -1,9 +1,13 @@
 """MLflow model registry: register a version (alias ``challenger``), promote it (alias ``champion``), list versions.
 
-Promotion is gated: the ``champion`` alias moves to a version only when there is no champion yet, or when the
-version's validation mean IoU (tag ``val_mean_iou``) is strictly higher than the champion's *and* both were
-evaluated on the same data version (tag ``data_version``); ``force=True`` overrides both conditions. Every
-decision is written to the challenger's version tags, so the registry itself says why the champion is what it is.
+Promotion is gated: the ``champion`` alias moves to a version only when there is no champion yet, or when
+- both were scored on the identical evaluation set: same data version, split name and sha256 of the split's sorted
+  image ids (tags ``data_version``, ``eval_split``, ``eval_ids_sha256``; see :mod:`fcnseg.lineage`),
+- the version's mean IoU (tag ``val_mean_iou``) is strictly higher than the champion's, and
+- no class's IoU (tag ``per_class_iou``) drops by more than ``per_class_margin`` (default 0.05 = 5 points).
+``force=True`` overrides all three and is recorded (tag ``promotion_forced``). Every decision, with the per-class
+deltas (tags ``iou_delta.<class>``), is written to the challenger's version tags, so the registry itself says why
+the champion is what it is.
 
 Two promotions at once must leave exactly one consistent champion. With a SQLite store (the default,
 ``sqlite:///…/mlflow.db``) the read-compare-set section runs under a file lock next to the database
@@ -15,6 +19,9 @@ the old champion, and the later alias write wins.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,11 +34,15 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fcnseg.errors import TrackingError
+from fcnseg.lineage import DVC_LOCK_PREFIX, EVAL_KEYS, GIT_COMMIT, GIT_DIRTY
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 LOCK_TIMEOUT_S = 120.0
 LOCKED_RETRIES = 6  # "database is locked": another process holds SQLite's write lock; back off and retry
+PER_CLASS_MARGIN = 0.05  # no promotion when any class's IoU drops by more than this (IoU in [0, 1])
+DELTA_PREFIX = "iou_delta."
+LINEAGE_RUN_TAGS = (GIT_COMMIT, GIT_DIRTY, "mlflow.source.git.commit")
 T = TypeVar("T")
 
 
@@ -47,9 +58,18 @@ class PromotionDecision:
     challenger_iou: float | None
     champion_iou: float | None
     decision: str = ""  # promoted | kept | refused | already_champion
+    per_class_delta: dict[str, float] | None = None  # challenger − champion, classes scored by both
+    forced: bool = False
 
     def summary(self) -> str:
         return self.reason
+
+    def delta_table(self) -> str:
+        """Per-class IoU deltas, one class a line (empty when nothing was compared)."""
+        if not self.per_class_delta:
+            return ""
+        width = max(len(name) for name in self.per_class_delta)
+        return "\n".join(f"  {name:<{width}}  {delta:+.4f}" for name, delta in self.per_class_delta.items())
 
 
 # --- store access -------------------------------------------------------------------------------------------
@@ -148,23 +168,52 @@ def _default_uris(client: mlflow.MlflowClient) -> Iterator[None]:
 
 
 def register_model(model_uri: str, name: str, *, val_mean_iou: float | None, data_version: str | None,
-                   client: mlflow.MlflowClient, tags: dict[str, Any] | None = None) -> ModelVersion:
+                   client: mlflow.MlflowClient, tags: dict[str, Any] | None = None,
+                   evaluation: dict[str, str] | None = None, per_class_iou: dict[str, float | None] | None = None,
+                   lineage: dict[str, str] | None = None, model_card: bool = True) -> ModelVersion:
     """Registers a logged model (``models:/m-…`` or ``runs:/<run>/model``) as a new version of ``name``.
 
-    The version is tagged with its validation mean IoU and data version (what promotion compares) plus
-    ``tags``, and gets the ``challenger`` alias. Without a measured IoU (imported weights) the tag is left
-    off, so promotion refuses to compare it until one is set or ``--force`` is given.
+    The version is tagged with what promotion compares: its mean IoU, its evaluation set (``evaluation``, from
+    :func:`fcnseg.lineage.evaluation_set`: data version, split, image-id hash; ``data_version`` alone when not
+    given) and ``per_class_iou``; with the lineage of the run that logged it (git commit and dirty flag) plus
+    ``lineage`` (e.g. ``dvc.lock`` hashes, also set on the run); and ``tags``. It gets the ``challenger`` alias and
+    a model card (description + run artifact). Without a measured IoU (imported weights) the tag is left off,
+    so promotion refuses to compare it until one is set or ``--force`` is given.
     """
     version_tags = {k: str(v) for k, v in (tags or {}).items()}
     if val_mean_iou is not None:
         version_tags["val_mean_iou"] = repr(float(val_mean_iou))
     if data_version is not None:
         version_tags["data_version"] = str(data_version)
+    version_tags.update({k: str(v) for k, v in (evaluation or {}).items()})
+    if per_class_iou is not None:
+        version_tags["per_class_iou"] = json.dumps(
+            {k: (None if v is None or v != v else round(float(v), 6)) for k, v in per_class_iou.items()})
+    version_tags.update({k: str(v) for k, v in (lineage or {}).items()})
     with _as_tracking_error(f"register {model_uri} as {name}", client), _registry_lock(client):
         with _default_uris(client):  # it also resolves runs:/ URIs to the logged model, as MLflow 3 does
             version = _retry(mlflow.register_model, model_uri, name, tags=version_tags)
         _retry(client.set_registered_model_alias, name, CHALLENGER, version.version)
-        return _retry(client.get_model_version, name, version.version)
+        if version.run_id:
+            _copy_run_lineage(client, name, version, lineage or {})
+        version = _retry(client.get_model_version, name, version.version)
+    if model_card:
+        from fcnseg.model_card import publish_model_card
+
+        with _as_tracking_error(f"write the model card of {name} v{version.version}", client):
+            publish_model_card(client, version)
+        version = _retry(client.get_model_version, name, version.version)
+    return version
+
+
+def _copy_run_lineage(client: mlflow.MlflowClient, name: str, version: ModelVersion, lineage: dict[str, str]) -> None:
+    """The run's git commit/dirty flag onto the version; ``lineage`` (known at registration) onto the run."""
+    run = _retry(client.get_run, version.run_id)
+    for key in LINEAGE_RUN_TAGS:
+        if key in run.data.tags and key not in (version.tags or {}):
+            _retry(client.set_model_version_tag, name, version.version, key, run.data.tags[key])
+    for key, value in lineage.items():
+        _retry(client.set_tag, version.run_id, key, str(value))
 
 
 # --- promote ------------------------------------------------------------------------------------------------
@@ -220,15 +269,48 @@ def _fmt_data(value: str | None) -> str:
     return "unknown" if value is None else value[:12]
 
 
+def _evaluation_set(version: ModelVersion) -> tuple[str | None, ...]:
+    tags = version.tags or {}
+    return tuple(tags.get(key) or None for key in EVAL_KEYS)
+
+
+def _fmt_set(value: tuple[str | None, ...]) -> str:
+    data, split, ids = value
+    if split is None or ids is None:
+        return f"data {_fmt_data(data)}, split unknown"
+    return f"data {_fmt_data(data)}, split {split} (ids {ids[:12]})"
+
+
+def _per_class(version: ModelVersion) -> dict[str, float] | None:
+    try:
+        table = json.loads((version.tags or {}).get("per_class_iou") or "null")
+    except ValueError:
+        return None
+    if not isinstance(table, dict):
+        return None
+    return {str(k): float(v) for k, v in table.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def per_class_deltas(challenger: ModelVersion, champion: ModelVersion) -> dict[str, float] | None:
+    """Challenger − champion IoU for every class both scored; None when either lacks per-class IoU."""
+    new, old = _per_class(challenger), _per_class(champion)
+    if new is None or old is None:
+        return None
+    return {cls: round(new[cls] - old[cls], 6) for cls in new if cls in old}
+
+
 def _decide(name: str, version: int, challenger: ModelVersion, champion: ModelVersion | None,
-            force: bool) -> PromotionDecision:
-    """The gate: no champion, or strictly better on the same data version; ``force`` overrides."""
-    new_iou, new_data = _iou(challenger), _data(challenger)
+            force: bool, per_class_margin: float = PER_CLASS_MARGIN) -> PromotionDecision:
+    """The gate: no champion, or on the identical evaluation set strictly better in mean IoU with no class
+    dropping by more than ``per_class_margin``; ``force`` overrides."""
+    new_iou, new_set = _iou(challenger), _evaluation_set(challenger)
     old_number = int(champion.version) if champion is not None else None
     old_iou = _iou(champion) if champion is not None else None
-    old_data = _data(champion) if champion is not None else None
+    old_set = _evaluation_set(champion) if champion is not None else (None, None, None)
+    same_set = champion is not None and None not in new_set and new_set == old_set
+    deltas = per_class_deltas(challenger, champion) if same_set else None  # only like with like
     make = lambda promoted, decision, reason: PromotionDecision(  # noqa: E731
-        promoted, reason, name, version, old_number, new_iou, old_iou, decision)
+        promoted, reason, name, version, old_number, new_iou, old_iou, decision, deltas, force and promoted)
 
     if old_number == version:
         return make(False, "already_champion",
@@ -236,29 +318,41 @@ def _decide(name: str, version: int, challenger: ModelVersion, champion: ModelVe
     if force:
         versus = "no previous champion" if champion is None else (
             f"val mIoU {_fmt_iou(new_iou)} vs {_fmt_iou(old_iou)} (v{old_number}), "
-            f"data {_fmt_data(new_data)} vs {_fmt_data(old_data)}")
+            f"{_fmt_set(new_set)} vs {_fmt_set(old_set)}")
         return make(True, "promoted", f"promoted {name} v{version} to champion (forced): {versus}")
     if new_iou is None:
         raise TrackingError(f"{name} v{version} has no val_mean_iou tag, so it cannot be compared; set the tag "
                             f"(MLflow UI or client.set_model_version_tag) or promote anyway with --force")
     if champion is None:
         return make(True, "promoted", f"promoted {name} v{version} to champion: no champion yet "
-                                      f"(val mIoU {_fmt_iou(new_iou)} on data {_fmt_data(new_data)})")
-    if new_data is None or new_data != old_data:
-        return make(False, "refused", f"refused: v{version} was evaluated on data {_fmt_data(new_data)}, "
-                                      f"champion v{old_number} on data {_fmt_data(old_data)}; "
-                                      f"use --force to promote anyway")
+                                      f"(val mIoU {_fmt_iou(new_iou)} on {_fmt_set(new_set)})")
+    if not same_set:
+        return make(False, "refused", f"refused: v{version} was evaluated on {_fmt_set(new_set)}, "
+                                      f"champion v{old_number} on {_fmt_set(old_set)}; not the same evaluation "
+                                      f"set, use --force to promote anyway")
     if old_iou is None:
         raise TrackingError(f"champion {name} v{old_number} has no val_mean_iou tag, so v{version} cannot be "
                             f"compared with it; set the tag or promote anyway with --force")
-    if new_iou > old_iou:
-        return make(True, "promoted", f"promoted {name} v{version} to champion: val mIoU {new_iou:.4f} > "
-                                      f"{old_iou:.4f} (v{old_number}) on data {_fmt_data(new_data)}")
-    return make(False, "kept", f"kept champion v{old_number}: challenger v{version} val mIoU "
-                               f"{new_iou:.4f} <= {old_iou:.4f}")
+    if new_iou <= old_iou:
+        return make(False, "kept", f"kept champion v{old_number}: challenger v{version} val mIoU "
+                                   f"{new_iou:.4f} <= {old_iou:.4f}")
+    if deltas is None:
+        return make(False, "refused", f"refused: val mIoU {new_iou:.4f} > {old_iou:.4f} (v{old_number}), but "
+                                      f"{'v' + str(version) if _per_class(challenger) is None else 'the champion'} "
+                                      f"has no per_class_iou tag, so the per-class guard cannot run; "
+                                      f"use --force to promote anyway")
+    drops = {cls: d for cls, d in deltas.items() if d < -per_class_margin}
+    if drops:
+        worst = ", ".join(f"{cls} {d:+.4f}" for cls, d in sorted(drops.items(), key=lambda item: item[1]))
+        return make(False, "refused", f"refused: val mIoU {new_iou:.4f} > {old_iou:.4f} (v{old_number}), but IoU "
+                                      f"drops by more than {per_class_margin:.4f} for {worst}; "
+                                      f"use --force to promote anyway")
+    return make(True, "promoted", f"promoted {name} v{version} to champion: val mIoU {new_iou:.4f} > "
+                                  f"{old_iou:.4f} (v{old_number}) on {_fmt_set(new_set)}, no class drops by "
+                                  f"more than {per_class_margin:.4f}")
 
 
-def _record(client: mlflow.MlflowClient, decision: PromotionDecision) -> None:
+def _record(client: mlflow.MlflowClient, decision: PromotionDecision, per_class_margin: float) -> None:
     tags = {
         "promotion_decision": decision.decision,
         "promotion_reason": decision.reason,
@@ -266,29 +360,37 @@ def _record(client: mlflow.MlflowClient, decision: PromotionDecision) -> None:
         "champion_val_mean_iou": "none" if decision.champion_iou is None else repr(decision.champion_iou),
         "challenger_val_mean_iou": "none" if decision.challenger_iou is None else repr(decision.challenger_iou),
         "promotion_timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "promotion_forced": str(decision.forced).lower(),
+        "per_class_margin": repr(per_class_margin),
     }
+    tags.update({DELTA_PREFIX + re.sub(r"[^\w\-. /]", "_", cls): f"{delta:+.6f}"
+                 for cls, delta in (decision.per_class_delta or {}).items()})
     for key, value in tags.items():
         _retry(client.set_model_version_tag, decision.name, str(decision.version), key, value)
 
 
-def promote(name: str, version: int | str, *, force: bool = False,
-            client: mlflow.MlflowClient) -> PromotionDecision:
-    """Moves the ``champion`` alias to ``version`` if it beats the champion on the same data (or ``force``).
+def promote(name: str, version: int | str, *, force: bool = False, client: mlflow.MlflowClient,
+            per_class_margin: float = PER_CLASS_MARGIN) -> PromotionDecision:
+    """Moves the ``champion`` alias to ``version`` if it beats the champion on the identical evaluation set
+    without any class dropping by more than ``per_class_margin`` (or ``force``).
 
-    The decision and both figures are recorded as tags of ``version``. Read, compare and move happen under one
-    lock, so concurrent promotions leave one consistent champion.
+    The decision, both figures and the per-class deltas are recorded as tags of ``version``. Read, compare and
+    move happen under one lock, so concurrent promotions leave one consistent champion.
     """
     number = _parse_version(name, version)
+    if not 0.0 <= float(per_class_margin) <= 1.0:
+        raise TrackingError(f"per-class margin must be an IoU difference in [0, 1] (0.05 = 5 points), "
+                            f"got {per_class_margin}")
     with _as_tracking_error(f"promote {name} v{number}", client), _registry_lock(client):
         challenger = _get_version(client, name, number)
         champion_number = _champion_version(client, name)
         champion = None if champion_number is None else _get_version(client, name, champion_number)
-        decision = _decide(name, number, challenger, champion, force)
+        decision = _decide(name, number, challenger, champion, force, per_class_margin)
         if decision.decision == "already_champion":
             return decision  # nothing changed; keep the record of the promotion that made it champion
         if decision.promoted:
             _retry(client.set_registered_model_alias, name, CHAMPION, str(number))
-        _record(client, decision)
+        _record(client, decision, per_class_margin)
         return decision
 
 
@@ -311,7 +413,33 @@ def list_versions(name: str, *, client: mlflow.MlflowClient) -> list[dict[str, A
         "aliases": sorted(by_version.get(int(v.version), [])),
         "val_mean_iou": _iou(v),
         "data_version": _data(v),
+        "eval_split": (v.tags or {}).get("eval_split"),
+        "eval_ids_sha256": (v.tags or {}).get("eval_ids_sha256"),
+        "git_commit": (v.tags or {}).get(GIT_COMMIT) or (v.tags or {}).get("mlflow.source.git.commit"),
+        "git_dirty": (v.tags or {}).get(GIT_DIRTY),
+        "dvc_lock": {k[len(DVC_LOCK_PREFIX):]: t for k, t in (v.tags or {}).items() if k.startswith(DVC_LOCK_PREFIX)},
+        "datasets": _datasets(client, v.run_id),
         "run_id": v.run_id,
         "creation_timestamp": v.creation_timestamp,
     } for v in versions]
     return sorted(rows, key=lambda row: row["version"])
+
+
+def _datasets(client: mlflow.MlflowClient, run_id: str | None) -> list[str]:
+    """The run's logged datasets as ``context name source (MD5 …)`` lines ([] when the run is gone)."""
+    if not run_id:
+        return []
+    try:
+        run = _retry(client.get_run, run_id)
+    except MlflowException:
+        return []
+    lines = []
+    for dataset_input in (run.inputs.dataset_inputs if run.inputs else []):
+        tags = {t.key: t.value for t in dataset_input.tags}
+        try:
+            source = json.loads(dataset_input.dataset.source or "{}").get("url", "")
+        except ValueError:
+            source = dataset_input.dataset.source
+        lines.append(f"{tags.get('mlflow.data.context', 'input')}: {dataset_input.dataset.name} from {source}"
+                     + (f" (MD5 {tags['md5']})" if tags.get("md5") else ""))
+    return lines

@@ -1,0 +1,88 @@
+"""A model card per registered version: data and split, metrics and per-class IoU, recipe, lineage, intended use
+and limits. Written as the version's description (what the registry UI shows) and as a markdown artifact of the
+run that logged the model (``model_card/<name>-v<version>.md``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion
+
+DESCRIPTION_LIMIT = 5000  # MLflow stores up to 5000 characters of a version description
+RECIPE_PARAMS = (
+    "model.name", "model.net.name", "model.net.width", "model.normalization", "model.init_from",
+    "optim.optimizer._target_", "optim.optimizer.lr", "optim.lr", "optim.optimizer.momentum",
+    "optim.optimizer.weight_decay", "trainer.max_epochs", "trainer.precision", "data.name",
+    "data.datamodule.train_split", "data.datamodule.val_split", "data.datamodule.batch_size",
+    "data.datamodule.train_transform.crop_size", "seed",
+)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or value == "":
+        return "n/a"
+    try:
+        return f"{float(value):.4f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def render(name: str, version: ModelVersion, run: Any | None) -> str:
+    """The card's markdown from the version's tags and its run's params, metrics and dataset inputs."""
+    tags = version.tags or {}
+    params = run.data.params if run is not None else {}
+    metrics = run.data.metrics if run is not None else {}
+    lines = [f"# {name} v{version.version}", ""]
+    lines += ["## Data and evaluation set", "",
+              f"- data version: `{tags.get('data_version', 'unknown')}`",
+              f"- evaluation split: `{tags.get('eval_split', 'unknown')}` "
+              f"({tags.get('eval_num_images', '?')} images, ids sha256 `{tags.get('eval_ids_sha256', 'unknown')}`)"]
+    for dataset_input in (run.inputs.dataset_inputs if run is not None and run.inputs else []):
+        input_tags = {t.key: t.value for t in dataset_input.tags}
+        source = json.loads(dataset_input.dataset.source or "{}").get("url", "") if dataset_input.dataset.source else ""
+        lines.append(f"- {input_tags.get('mlflow.data.context', 'input')}: `{dataset_input.dataset.name}` from "
+                     f"{source or 'n/a'} (MD5 `{input_tags.get('md5') or 'n/a'}`)")
+    lines += ["", "## Metrics", "", f"- mean IoU (evaluation split): {_fmt(tags.get('val_mean_iou'))}"]
+    for key in ("pixel_acc", "mean_acc", "fw_iou"):
+        value = metrics.get(f"eval_best/{key}", metrics.get(f"val_best/{key}"))
+        if value is not None:
+            lines.append(f"- {key}: {_fmt(value)}")
+    per_class = json.loads(tags.get("per_class_iou") or "null") or {}
+    if per_class:
+        lines += ["", "| class | IoU |", "|---|---|"] + [f"| {cls} | {_fmt(iou)} |" for cls, iou in per_class.items()]
+    recipe = [(key, params[key]) for key in RECIPE_PARAMS if params.get(key) not in (None, "", "None")]
+    lines += ["", "## Recipe", ""] + ([f"- `{key}` = `{value}`" for key, value in recipe] or ["- not recorded"])
+    dvc = {k.removeprefix("dvc_lock."): v for k, v in tags.items() if k.startswith("dvc_lock.")}
+    commit = tags.get("git_commit") or tags.get("mlflow.source.git.commit")
+    lines += ["", "## Lineage", "",
+              f"- git commit: `{commit or 'unknown'}`" + (" (working tree was dirty: not exactly reproducible)"
+                                                         if tags.get("git_dirty") == "true" else ""),
+              f"- MLflow run: `{version.run_id}`"]
+    lines += [f"- dvc.lock `{stage}`: `{value}`" for stage, value in sorted(dvc.items())]
+    lines += [f"- rebuild: `fcnseg reproduce models:/{name}/{version.version}`"]
+    if tags.get("source_weights"):
+        lines.append(f"- imported weights: `{tags['source_weights']}`")
+    lines += ["", "## Intended use and limits", "",
+              "- Semantic segmentation into the 21 PASCAL VOC classes (20 objects + background) of natural RGB "
+              "photos like VOC's; every pixel gets one class, 'void' is never predicted.",
+              "- Scores hold for the evaluation split above only; other domains (medical, aerial, drawings, "
+              "night, heavy blur) and objects outside the 20 classes are not measured and will be mislabelled, "
+              "most often as background or a visually similar class.",
+              "- Not for decisions about people (person is one class; no identity, no fairness evaluation).",
+              "- Synthetic-data models (data `synthetic`) only show that the pipeline works; they do not segment "
+              "photos."]
+    return "\n".join(lines) + "\n"
+
+
+def publish_model_card(client, version: ModelVersion) -> str:
+    """Renders the card, logs it to the version's run and sets it as the version's description."""
+    run = client.get_run(version.run_id) if version.run_id else None
+    card = render(version.name, version, run)
+    if run is not None:
+        client.log_text(version.run_id, card, f"model_card/{version.name}-v{version.version}.md")
+    description = card if len(card) <= DESCRIPTION_LIMIT else (
+        card[: DESCRIPTION_LIMIT - 120].rsplit("\n", 1)[0]
+        + f"\n\n(cut; full card: run artifact model_card/{version.name}-v{version.version}.md)\n")
+    client.update_model_version(version.name, version.version, description=description)
+    return card

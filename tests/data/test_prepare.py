@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -162,16 +163,15 @@ def test_prepare_voc_with_sbd_from_local_tarballs(voc_bytes, tmp_path):
 # ---------------------------------------------------------------- prepare(data_cfg, data_dir): the pipeline stage
 
 
-def test_prepare_dispatches_voc_config(voc_bytes, tmp_path, monkeypatch):
+def test_prepare_dispatches_voc_config(voc_bytes, tmp_path):
     tarball = tmp_path / "VOCtrainval_11-May-2012.tar"
     tarball.write_bytes(voc_bytes)
-    # The real pin cannot match a test tarball: point the module's resource at this one (no network either way).
-    monkeypatch.setattr("fcnseg.data.prepare.VOC2012_TRAINVAL", resource_for(voc_bytes, [closed_port_url()]))
     data_dir = tmp_path / "data"
     cfg = {"source": "voc", "root": str(data_dir / "VOCdevkit/VOC2012"), "tarball": str(tarball), "sbd": False,
            "sbd_tarball": None}
 
-    root = prepare(cfg, str(data_dir))
+    # The real pin cannot match a test tarball: give this one's (no network either way).
+    root = prepare(cfg, str(data_dir), voc_resource=resource_for(voc_bytes, [closed_port_url()]))
 
     assert root == voc_root(data_dir)
     _assert_ready_voc(root)
@@ -204,3 +204,81 @@ def test_prepare_unknown_source_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         prepare({"source": "coco"}, tmp_path)
     assert str(info.value) == "data.source='coco' is not known; valid sources: voc, synthetic"
+
+
+# ---------------------------------------------------------------- data.dvc, the pin: what the prepare stage fetches
+
+
+def test_the_pin_agrees_with_the_package_default_and_the_prepare_param():
+    from omegaconf import OmegaConf
+
+    from fcnseg.data.fetch import VOC2012_TRAINVAL
+    from fcnseg.data.pin import read_pin
+
+    root = Path(__file__).resolve().parents[2]
+    pinned, path = read_pin(root / "data.dvc")
+    assert (pinned.md5, pinned.size, pinned.filename) == (VOC2012_TRAINVAL.md5, VOC2012_TRAINVAL.size,
+                                                          VOC2012_TRAINVAL.filename)
+    assert pinned.urls[0] in VOC2012_TRAINVAL.urls
+    assert path == root / "data" / "downloads" / pinned.filename
+    params = OmegaConf.load(root / "params.yaml")
+    assert params.data.pinned_md5 == pinned.md5 and params.data.prepare_dep == "src/fcnseg/data/pin.py"
+
+
+def test_mirror_list_from_environment_then_config_then_pin(monkeypatch):
+    from fcnseg.data.fetch import VOC2012_TRAINVAL
+    from fcnseg.data.pin import MIRRORS_ENV, mirror_urls
+
+    pinned = resource_for(b"x", ["http://pin.example/voc.tar"])
+    monkeypatch.delenv(MIRRORS_ENV, raising=False)
+    assert mirror_urls(pinned) == ("http://pin.example/voc.tar", *VOC2012_TRAINVAL.urls)
+    assert mirror_urls(pinned, ["http://a/v.tar", "http://b/v.tar"]) == ("http://a/v.tar", "http://b/v.tar")
+    monkeypatch.setenv(MIRRORS_ENV, " http://env1/v.tar  http://env2/v.tar ")
+    assert mirror_urls(pinned, ["http://a/v.tar"]) == ("http://env1/v.tar", "http://env2/v.tar")
+
+
+def _pinned_project(path: Path, voc_bytes: bytes, url: str) -> Path:
+    """A DVC project (no git) whose data.dvc pins the test tarball, as the repository's pins the real one."""
+    path.mkdir()
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"], cwd=path, check=True)
+    resource = resource_for(voc_bytes, [url])
+    (path / "data.dvc").write_text(
+        f"frozen: true\ndeps:\n- path: {url}\nouts:\n- md5: {resource.md5}\n  size: {resource.size}\n  hash: md5\n"
+        f"  path: data/downloads/{resource.filename}\n")
+    return path
+
+
+def test_fetch_with_a_local_tarball_then_prepare_stage_downloads_nothing(voc_bytes, tmp_path, monkeypatch):
+    """`fcnseg fetch --tarball PATH` verifies it against data.dvc and stores it in DVC's cache (so `dvc push`
+    sends it); the prepare stage then uses it with every mirror unreachable; a VOC tree extracted from another
+    archive (a new pin) is replaced."""
+    from omegaconf import OmegaConf
+
+    from fcnseg import cli, pipeline
+    from fcnseg.data.pin import MIRRORS_ENV
+
+    project = _pinned_project(tmp_path / "project", voc_bytes, closed_port_url())
+    monkeypatch.chdir(project)
+    monkeypatch.setenv(MIRRORS_ENV, closed_port_url())
+    local = tmp_path / "VOCtrainval_11-May-2012.tar"
+    local.write_bytes(voc_bytes)
+    md5 = resource_for(voc_bytes, []).md5
+
+    cli.main(["fetch", "--tarball", str(local)])
+
+    cached = project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    assert cached.read_bytes() == voc_bytes and not os.path.samefile(cached, local)  # a copy: local stays writable
+    root = voc_root(project / "data")
+    _assert_ready_voc(root)
+    marker = root / ".complete"
+    marker.write_text(json.dumps({"archive": "VOCtrainval_11-May-2012.tar", "md5": "0" * 32}))  # an older pin's
+    cfg = OmegaConf.create({"paths": {"data_dir": "data"}, "data": {
+        "source": "voc", "root": "data/VOCdevkit/VOC2012", "tarball": None, "sbd": False, "sbd_tarball": None,
+        "mirrors": None, "pinned_md5": md5}})
+
+    pipeline.prepare(cfg)
+
+    _assert_ready_voc(root)
+    assert json.loads(marker.read_text())["md5"] == md5
+    with pytest.raises(ConfigError, match="data.pinned_md5"):
+        pipeline.prepare(OmegaConf.merge(cfg, {"data": {"pinned_md5": "f" * 32}}))

@@ -62,8 +62,8 @@ SBD = Resource(
 )
 
 VOC_WAYS_OUT = (
-    "pass a local copy (`fcnseg fetch --tarball PATH` or `data.tarball=PATH`), `dvc pull` from a DVC remote, "
-    "or run offline on synthetic data (`experiment=quickstart`)"
+    "pass a local copy (`fcnseg fetch --tarball PATH` or `data.tarball=PATH`), "
+    "`dvc pull data.dvc` from a DVC remote, or run offline on synthetic data (`experiment=quickstart`)"
 )
 SBD_WAYS_OUT = (
     "pass a local copy (`fcnseg fetch --sbd --sbd-tarball PATH` or `data.sbd_tarball=PATH`), "

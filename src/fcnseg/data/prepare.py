@@ -22,8 +22,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from fcnseg.data.fetch import SBD, SBD_WAYS_OUT, VOC2012_TRAINVAL, VOC_WAYS_OUT, Resource, download, \
-    safe_extract, use_local_tarball
+from fcnseg.data import pin
+from fcnseg.data.fetch import SBD, SBD_WAYS_OUT, VOC_WAYS_OUT, Resource, download, safe_extract, use_local_tarball
 from fcnseg.errors import ConfigError
 
 COMPLETE_MARKER = ".complete"
@@ -59,10 +59,19 @@ def _write_marker(root: Path, resource: Resource) -> None:
     os.replace(temp, root / COMPLETE_MARKER)
 
 
+def _extracted_from(root: Path) -> str | None:
+    """The MD5 of the archive a complete ``root`` was extracted from; None when ``root`` is not complete."""
+    try:
+        return json.loads((root / COMPLETE_MARKER).read_text()).get("md5")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _extract_once(root: Path, resource: Resource, subdir: str, data_dir: Path, local: str | Path | None,
                   ways_out: str, progress: bool) -> Path:
-    """``root`` from ``subdir`` of the archive (a local copy if given, else downloaded or already downloaded)."""
-    if is_complete(root):
+    """``root`` from ``subdir`` of the archive (a local copy if given, else downloaded or already downloaded).
+    A ``root`` extracted from another archive (a new pin) is replaced."""
+    if _extracted_from(root) == resource.md5:
         return root
     downloads = data_dir / "downloads"
     if local is not None:
@@ -72,7 +81,7 @@ def _extract_once(root: Path, resource: Resource, subdir: str, data_dir: Path, l
     for leftover in root.parent.glob(f"{root.name}.tmp-*"):  # killed runs' temp dirs (the lock: none is running)
         _remove(leftover)
     if root.exists() or root.is_symlink():
-        _remove(root)  # there but unmarked: an interrupted run or a foreign copy, never trusted
+        _remove(root)  # there but unmarked (an interrupted run, a foreign copy) or from another archive
     if progress:
         print(f"extracting {archive} into {root}", file=sys.stderr, flush=True)
     safe_extract(archive, root, subdir=subdir, progress=progress)
@@ -85,12 +94,23 @@ def prepare_voc(data_dir: str | Path, tarball: str | Path | None = None, sbd: bo
                 voc_resource: Resource | None = None, sbd_resource: Resource | None = None) -> Path:
     """Makes ``<data_dir>/VOCdevkit/VOC2012`` (and with ``sbd``, ``<data_dir>/SBD/benchmark_RELEASE/dataset``)
     ready, and returns the VOC root. Archives: the given local copies (verified), else the ones already in
-    ``<data_dir>/downloads`` (verified), else downloaded there."""
+    ``<data_dir>/downloads`` or where ``dvc pull`` puts data.dvc's (verified), else downloaded.
+
+    ``voc_resource`` defaults to the tarball ``data.dvc`` pins (run from the project root), fetched from
+    ``$FCNSEG_VOC_MIRRORS`` or the pin's URL and the known mirrors. The pinned tarball, once here, is stored in
+    DVC's cache, so ``dvc push`` sends it to the team's remote."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    resource = voc_resource or pin.voc_resource()
+    pinned, tracked = pin.pinned()
+    is_pinned = tracked is not None and pinned.md5 == resource.md5
+    if is_pinned and tarball is None and tracked.is_file():
+        tarball = tracked  # there by `dvc pull` (or an earlier fetch): verified, never downloaded again
     with FileLock(data_dir / ".prepare.lock"):
-        root = _extract_once(voc_root(data_dir), voc_resource or VOC2012_TRAINVAL, "VOCdevkit/VOC2012", data_dir,
-                             tarball, VOC_WAYS_OUT, progress)
+        root = _extract_once(voc_root(data_dir), resource, "VOCdevkit/VOC2012", data_dir, tarball, VOC_WAYS_OUT,
+                             progress)
+        if is_pinned:
+            pin.add_to_dvc_cache(data_dir / "downloads" / resource.filename, resource)
     if sbd or sbd_tarball is not None:
         prepare_sbd(data_dir, sbd_tarball, progress=progress, resource=sbd_resource)
     return root
@@ -110,14 +130,21 @@ def _looks_like_voc(root: Path) -> bool:
     return all((root / name).is_dir() for name in VOC_DIRS)
 
 
-def prepare(data_cfg: dict, data_dir: str | Path) -> Path:
-    """The pipeline's prepare stage for the ``data`` config group; returns the dataset root (``data.root``)."""
+def prepare(data_cfg: dict, data_dir: str | Path, *, voc_resource: Resource | None = None) -> Path:
+    """The pipeline's prepare stage for the ``data`` config group; returns the dataset root (``data.root``).
+    ``voc_resource``: the VOC tarball and its URLs (default: the package's pin and mirrors)."""
     source = data_cfg.get("source")
     if source == "synthetic":
         from fcnseg.data.synthetic import write_synthetic_voc
 
-        return write_synthetic_voc(data_cfg["root"], **data_cfg.get("synthetic", {}))
+        return write_synthetic_voc(data_cfg["root"], **(data_cfg.get("synthetic") or {}))
     if source == "voc":
+        resource = voc_resource or pin.voc_resource(mirrors=data_cfg.get("mirrors"))
+        expected, pinned_md5 = data_cfg.get("pinned_md5"), pin.pinned()[0].md5
+        if expected is not None and expected != pinned_md5:
+            raise ConfigError(f"data.pinned_md5={expected} is not the MD5 {pin.PIN_FILE} pins ({pinned_md5}); set "
+                              f"it to the pin's in conf/data/voc.yaml and recompose params.yaml "
+                              f"(python -m fcnseg.pipeline params)")
         root = Path(data_cfg.get("root") or voc_root(data_dir))
         if root.resolve() != voc_root(data_dir).resolve():
             # data.root moved to a VOC2012 directory the user already has (e.g. a shared copy): use it as it is.
@@ -128,5 +155,5 @@ def prepare(data_cfg: dict, data_dir: str | Path) -> Path:
                 prepare_sbd(data_dir, data_cfg.get("sbd_tarball"))
             return root
         return prepare_voc(data_dir, tarball=data_cfg.get("tarball"), sbd=bool(data_cfg.get("sbd")),
-                           sbd_tarball=data_cfg.get("sbd_tarball"))
+                           sbd_tarball=data_cfg.get("sbd_tarball"), voc_resource=resource)
     raise ConfigError(f"data.source={source!r} is not known; valid sources: {', '.join(SOURCES)}")

@@ -78,7 +78,7 @@ class RandomCropAtMost(A.RandomCrop):
 
 
 def build_train_transform(
-    crop_size: int,
+    crop_size: int | None,
     scale_min: float = 0.5,
     scale_max: float = 2.0,
     hflip: bool = True,
@@ -92,32 +92,44 @@ def build_train_transform(
     pipeline). Padding comes after normalisation so padded pixels are 0 in the network's input space (like the
     batch padding of the validation loader) and void in the mask, so loss and metrics ignore them. A side shorter
     than the crop is padded on both ends (centred), as padding before a random crop would place it.
+
+    ``crop_size=None`` trains on whole images at their own size (the paper's batch-1 recipe): no crop, no padding.
+    A scale range of exactly 1 adds no resampling step, so with ``hflip=False`` and no jitter the training input is
+    the evaluation input.
     """
     if not 0 < scale_min <= scale_max:
         raise ConfigError(f"train_transform needs 0 < scale_min <= scale_max, got {scale_min} and {scale_max}")
-    steps: list[A.BasicTransform] = [
-        A.RandomScale(
-            scale_limit=(scale_min - 1.0, scale_max - 1.0),
-            interpolation=cv2.INTER_LINEAR,
-            mask_interpolation=cv2.INTER_NEAREST,  # labels are indices: never blend them
-            p=1.0,
+    if crop_size is not None and (isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < 1):
+        raise ConfigError(
+            f"train_transform.crop_size must be a positive integer or null (whole images), got {crop_size!r}"
         )
-    ]
+    steps: list[A.BasicTransform] = []
+    if (scale_min, scale_max) != (1.0, 1.0):
+        steps.append(
+            A.RandomScale(
+                scale_limit=(scale_min - 1.0, scale_max - 1.0),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,  # labels are indices: never blend them
+                p=1.0,
+            )
+        )
     if hflip:
         steps.append(A.HorizontalFlip(p=0.5))
-    steps.append(RandomCropAtMost(height=crop_size, width=crop_size))
+    if crop_size is not None:
+        steps.append(RandomCropAtMost(height=crop_size, width=crop_size))
     if color_jitter > 0:
         steps.append(A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0))
     steps += _normalize_steps(normalization)
-    steps.append(
-        A.PadIfNeeded(
-            min_height=crop_size,
-            min_width=crop_size,
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            fill_mask=IGNORE_INDEX,
+    if crop_size is not None:
+        steps.append(
+            A.PadIfNeeded(
+                min_height=crop_size,
+                min_width=crop_size,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=IGNORE_INDEX,
+            )
         )
-    )
     steps.append(A.ToTensorV2())
     return A.Compose(steps, strict=True, seed=seed)
 

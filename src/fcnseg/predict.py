@@ -5,7 +5,10 @@ Used by ``fcnseg predict``. An unreadable file is reported by name and skipped; 
 
 from __future__ import annotations
 
+import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,30 +77,61 @@ def write_outputs(image: np.ndarray, label_map: np.ndarray, stem: Path, out_dir:
     return mask_path, overlay_path
 
 
+def _read(path: Path) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return read_image(path), None
+    except DataError as exc:
+        return None, str(exc)
+
+
 def predict_files(inputs: list[str | Path], segmenter: Segmenter, out_dir: str | Path, batch_size: int = 8,
-                  tile_size: int | None = None, progress: bool | None = None) -> PredictSummary:
-    """Segments every input image; reads ``batch_size`` files at a time so memory stays bounded."""
+                  tile_size: int | None = None, progress: bool | None = None,
+                  io_threads: int | None = None) -> PredictSummary:
+    """Segments every input image, ``batch_size`` files at a time.
+
+    Decoding and PNG encoding run in ``io_threads`` threads (default: up to 8, one per core; PIL releases the GIL)
+    while the model runs: the next batch is read and the previous one written during the forward pass, so the
+    accelerator is not left waiting on the CPU. At most one batch ahead is read and two behind are pending, so
+    memory stays bounded. Outputs and messages come in input order.
+    """
     out_dir = Path(out_dir)
     files = collect_inputs(inputs, exclude=out_dir)
     summary = PredictSummary()
     show = progress if progress is not None else len(files) > 1
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not show, file=sys.stderr)
-    for start in range(0, len(files), batch_size):
-        chunk: list[tuple[Path, Path, np.ndarray]] = []
-        for path, stem in files[start : start + batch_size]:
-            try:
-                chunk.append((path, stem, read_image(path)))
-            except DataError as exc:
-                summary.skipped.append((path, str(exc)))
-                # through tqdm, so the message is a line of its own, not glued to the progress bar
-                tqdm.write(f"error: {exc}; skipped", file=sys.stderr)
-                bar.update(1)
-        # whole images share batches; those larger than tile_size go window by window
-        whole = [i for i, (_, _, image) in enumerate(chunk) if not (tile_size and max(image.shape[:2]) > tile_size)]
-        label_maps = dict(zip(whole, segmenter.predict_many([chunk[i][2] for i in whole], batch_size)))
-        for i, (path, stem, image) in enumerate(chunk):
-            label_map = label_maps[i] if i in label_maps else segmenter.predict_sliding(image, tile_size)
-            summary.written.append(write_outputs(image, label_map, stem, out_dir, segmenter.class_names))
+    workers = io_threads or max(1, min(8, os.cpu_count() or 1))
+    pending: deque = deque()  # futures of write_outputs, oldest first
+
+    def finish_writes(keep: int) -> None:
+        while len(pending) > keep:
+            summary.written.append(pending.popleft().result())
             bar.update(1)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="fcnseg-io") as pool:
+        def read_batch(start: int) -> list:
+            return [pool.submit(_read, path) for path, _ in files[start : start + batch_size]]
+
+        reads = read_batch(0)
+        for start in range(0, len(files), batch_size):
+            results = [future.result() for future in reads]
+            reads = read_batch(start + batch_size)  # the next batch decodes while this one runs
+            chunk: list[tuple[Path, np.ndarray]] = []
+            for (path, stem), (image, error) in zip(files[start : start + batch_size], results):
+                if error is not None:
+                    finish_writes(0)  # messages in input order
+                    summary.skipped.append((path, error))
+                    # through tqdm, so the message is a line of its own, not glued to the progress bar
+                    tqdm.write(f"error: {error}; skipped", file=sys.stderr)
+                    bar.update(1)
+                else:
+                    chunk.append((stem, image))
+            # whole images share batches; those larger than tile_size go window by window
+            whole = [i for i, (_, image) in enumerate(chunk) if not (tile_size and max(image.shape[:2]) > tile_size)]
+            label_maps = dict(zip(whole, segmenter.predict_many([chunk[i][1] for i in whole], batch_size)))
+            for i, (stem, image) in enumerate(chunk):
+                label_map = label_maps[i] if i in label_maps else segmenter.predict_sliding(image, tile_size)
+                pending.append(pool.submit(write_outputs, image, label_map, stem, out_dir, segmenter.class_names))
+            finish_writes(2 * batch_size)
+        finish_writes(0)
     bar.close()
     return summary

@@ -42,7 +42,8 @@ def evaluate_segmenter(segmenter, data_root: str | Path, split: str, num_overlay
 
     dataset = VOCSegmentation(data_root, split)
     num_classes = len(segmenter.class_names)
-    metric = SegmentationMetrics(num_classes)
+    # One process scores the whole split: no sync, even when a DDP group exists (rank 0 alone after training)
+    metric = SegmentationMetrics(num_classes, sync_on_compute=False)
     shown: tuple[list, list, list] = ([], [], [])
     for index in tqdm(range(len(dataset)), desc=f"evaluate {split}", disable=not progress):
         image, mask = dataset[index]

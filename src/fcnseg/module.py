@@ -8,11 +8,12 @@ from typing import Any
 import hydra.utils
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fcnseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from fcnseg.errors import FcnsegError
-from fcnseg.metrics import SegmentationMetrics
+from fcnseg.metrics import SCALAR_KEYS, SegmentationMetrics
 from fcnseg.models.weights import load_checkpoint_state, read_fcnseg_checkpoint
 
 
@@ -20,6 +21,9 @@ def poly_schedule(total_steps: int, power: float = 0.9):
     """The poly learning-rate policy: lr * (1 - step / total_steps) ** power."""
     total_steps = max(int(total_steps), 1)
     return lambda step: max(0.0, 1.0 - step / total_steps) ** power
+
+
+NO_FAULT = 2**62  # "no non-finite loss yet": larger than any step, so a min over ranks finds the first fault
 
 
 class SegmentationModule(L.LightningModule):
@@ -32,6 +36,10 @@ class SegmentationModule(L.LightningModule):
     - ``optim``: ``optimizer`` (a ``_partial_`` optimiser config), ``scheduler`` (null or ``{name: poly, power}``),
       ``bias_lr_mult``, ``bias_weight_decay``, ``loss_reduction`` (``mean`` over valid pixels, or the paper's ``sum``).
     - ``normalization``: the input normalisation the weights expect; recorded so inference matches training.
+    - Speed (the ``training`` config section): ``train_metrics_every_n_steps`` (training metrics from 1 step in n;
+      0: off), ``nonfinite_check_every_n_steps`` (how often the loss's finiteness reaches the host; also at each
+      epoch's last batch; 0: never), ``channels_last`` (``auto``: on CUDA), ``compile`` (``torch.compile`` the
+      training forward).
     """
 
     def __init__(
@@ -42,9 +50,19 @@ class SegmentationModule(L.LightningModule):
         ignore_index: int = IGNORE_INDEX,
         normalization: str = "imagenet",
         class_names: list[str] | None = None,
+        train_metrics_every_n_steps: int = 10,
+        nonfinite_check_every_n_steps: int = 10,
+        channels_last: bool | str = "auto",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for key, value in (("train_metrics_every_n_steps", train_metrics_every_n_steps),
+                           ("nonfinite_check_every_n_steps", nonfinite_check_every_n_steps)):
+            if int(value) < 0:
+                raise FcnsegError(f"training.{key} must be >= 0 (0: off), got {value}")
+        if channels_last not in (True, False, "auto"):
+            raise FcnsegError(f"training.channels_last must be true, false or auto, got {channels_last!r}")
         self.net = hydra.utils.instantiate(net)
         self.class_names = list(class_names or VOC_CLASSES[:num_classes])
         reduction = optim.get("loss_reduction", "mean")
@@ -58,38 +76,81 @@ class SegmentationModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, masks = batch
-        logits = self(images)
-        loss = self.criterion(logits.float(), masks.long())
-        return loss, logits
+    # --- placement and speed (GPU) ---------------------------------------------------------------------------------
+    def _channels_last(self) -> bool:
+        setting = self.hparams.get("channels_last", "auto")
+        return self.device.type == "cuda" if setting == "auto" else bool(setting)
 
+    def on_fit_start(self) -> None:
+        # NHWC suits tensor-core convolutions; the weights keep their values (checkpoints load either way)
+        if self._channels_last():
+            self.net.to(memory_format=torch.channels_last)
+        # In __dict__, not a child module, so checkpoints keep the plain `net.*` keys. Training crops have one
+        # size; validation (whole images of many sizes) stays eager rather than recompiling per size.
+        self.__dict__["_train_forward"] = torch.compile(self.net) if self.hparams.get("compile", False) else self.net
+        # The first non-finite step, kept on the device: checking it needs a host sync, done only every n steps.
+        self._first_nonfinite_step = torch.full((), NO_FAULT, dtype=torch.long, device=self.device)
+
+    def _to_memory_format(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self._channels_last() else images
+
+    # --- training ----------------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, logits = self._shared_step(batch)
-        if not torch.isfinite(loss):
-            self._stop_on_non_finite(loss)
-        self.train_metrics.update(logits.detach(), batch[1])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
+        images, masks = batch
+        forward = getattr(self, "_train_forward", self.net)
+        logits = forward(self._to_memory_format(images))
+        loss = self.criterion(logits.float(), masks.long())
+        self._note_nonfinite(loss)
+        every = int(self.hparams.get("train_metrics_every_n_steps", 1))
+        if every and batch_idx % every == 0:  # an estimate of the training fit: argmax + bincount on 1 step in n
+            self.train_metrics.update(logits.detach(), masks)
+        # Not on the progress bar per step: that would copy the loss to the host (a sync) every step.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
         return loss
 
-    def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        if not hasattr(self, "_first_nonfinite_step"):  # called outside fit (tests, manual loops)
+            self._first_nonfinite_step = torch.full((), NO_FAULT, dtype=torch.long, device=loss.device)
+        first = self._first_nonfinite_step
+        bad = ~torch.isfinite(loss.detach()) & (first == NO_FAULT)
+        self._first_nonfinite_step = torch.where(bad, torch.full_like(first, self.global_step), first)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        every = int(self.hparams.get("nonfinite_check_every_n_steps", 1))
+        # Every n steps and at each epoch's last batch, before validation and checkpointing can see bad weights.
+        # The earliest over ranks, so a fault on one rank stops every rank here with the same message.
+        if every and ((batch_idx + 1) % every == 0 or self.trainer.is_last_batch):
+            first = int(self.trainer.strategy.reduce(self._first_nonfinite_step.clone(), reduce_op="min"))
+            if first != NO_FAULT:
+                self._stop_on_non_finite(first)
+
+    def _stop_on_non_finite(self, step: int) -> None:
         callbacks = getattr(self._trainer, "checkpoint_callbacks", None) or []
         paths = [path for cb in callbacks for path in (cb.last_model_path, cb.best_model_path) if path]
         last_good = next((path for path in paths if Path(path).name == "last.ckpt"), paths[0] if paths else "")
         where = f"last good checkpoint kept at {last_good}" if last_good else "no checkpoint was written yet"
         raise FcnsegError(
-            f"non-finite training loss ({loss.item()}) at step {self.global_step} (epoch {self.current_epoch}); "
-            f"{where}; lower optim.optimizer.lr or check the data, then resume with ckpt_path=<checkpoint>"
+            f"non-finite training loss at step {step} (epoch {self.current_epoch}); "
+            f"{where}; lower optim.lr or check the data, then resume with ckpt_path=<checkpoint>"
         )
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train", self.train_metrics.compute(), per_class=False)
         self.train_metrics.reset()
 
+    # --- validation: each image whole and alone, as `fcnseg evaluate` and the paper's scorer see it -----------------
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, logits = self._shared_step(batch)
-        self.val_metrics.update(logits, batch[1])
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch[0].shape[0])
+        images, masks = batch  # lists of differently sized images (unpadded_collate), or stacked equal sizes
+        loss_sum, pixels = torch.zeros((), device=self.device), 0
+        for image, mask in zip(images, masks):
+            logits = self.net(self._to_memory_format(image[None])).float()
+            target = mask[None].long()
+            loss_sum = loss_sum + F.cross_entropy(logits, target, ignore_index=self.hparams.ignore_index,
+                                                  reduction="sum")
+            pixels += int((target != self.hparams.ignore_index).sum())
+            self.val_metrics.update(logits, target)
+        # the mean over every valid pixel of the split: weighted by pixel count, summed over ranks
+        self.log("val/loss", loss_sum / max(pixels, 1), on_epoch=True, sync_dist=True, batch_size=max(pixels, 1))
 
     def on_validation_epoch_end(self) -> None:
         results = self.val_metrics.compute()  # the confusion matrix is summed over ranks here
@@ -98,15 +159,16 @@ class SegmentationModule(L.LightningModule):
         self.val_metrics.reset()
 
     def _log_metrics(self, stage: str, results: dict[str, Any], per_class: bool) -> None:
-        # Values are already reduced over all ranks by torchmetrics, so no sync_dist here.
-        scalars = {f"{stage}/{key}": float(results[key]) for key in ("pixel_acc", "mean_acc", "mean_iou", "fw_iou")}
+        scalars = {f"{stage}/{key}": float(results[key]) for key in SCALAR_KEYS}
         if per_class:
             for name, iou in zip(self.class_names, results["per_class_iou"].tolist()):
                 if iou == iou:  # classes absent from both truth and prediction have no IoU (nan): skip them
                     scalars[f"{stage}/iou/{name}"] = iou
+        # torchmetrics already summed the confusion matrix over ranks, so every rank holds the same values:
+        # a max over ranks returns them unchanged (bit for bit), and is what Lightning asks of epoch-level values.
         mean_iou = scalars.pop(f"{stage}/mean_iou")
-        self.log_dict(scalars, prog_bar=False)
-        self.log(f"{stage}/mean_iou", mean_iou, prog_bar=True)
+        self.log_dict(scalars, sync_dist=True, reduce_fx="max")
+        self.log(f"{stage}/mean_iou", mean_iou, prog_bar=True, sync_dist=True, reduce_fx="max")
 
     def configure_optimizers(self):
         optim = self.hparams.optim
@@ -122,7 +184,8 @@ class SegmentationModule(L.LightningModule):
                 "lr": lr * float(optim.get("bias_lr_mult", 2.0)),
                 "weight_decay": float(optim.get("bias_weight_decay", 0.0)),
             })
-        optimizer = hydra.utils.instantiate(optim["optimizer"])(groups)
+        make_optimizer = hydra.utils.instantiate(optim["optimizer"])
+        optimizer = make_optimizer(groups, **self._fused_kwargs(make_optimizer, optim["optimizer"]))
         scheduler_cfg = optim.get("scheduler")
         if not scheduler_cfg:
             return optimizer
@@ -131,6 +194,14 @@ class SegmentationModule(L.LightningModule):
         schedule = poly_schedule(self.trainer.estimated_stepping_batches, float(scheduler_cfg.get("power", 0.9)))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _fused_kwargs(self, make_optimizer, config: dict[str, Any]) -> dict[str, bool]:
+        """On CUDA, one fused kernel for the whole update instead of a launch per tensor (SGD, Adam, AdamW), unless
+        the config chose ``fused``/``foreach`` itself."""
+        if self.device.type != "cuda" or "fused" in config or "foreach" in config:
+            return {}
+        optimizer_class = getattr(make_optimizer, "func", make_optimizer)
+        return {"fused": True} if optimizer_class in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) else {}
 
 
 def load_module(checkpoint_path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationModule:

@@ -1,4 +1,4 @@
-"""LightningDataModule for VOC-layout data: random crops for training, whole images (padded per batch) for validation.
+"""LightningDataModule for VOC-layout data: random crops for training, whole unpadded images for validation.
 
 Seeding: a training sample's shuffle position and augmentation are functions of ``(seed, epoch, index)`` only
 (:class:`~fcnseg.data.samplers.EpochSeededSampler` + :class:`~fcnseg.data.samplers.EpochSeededDataset`), never of
@@ -46,6 +46,12 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
         images.append(F.pad(image, pad, value=0.0))
         masks.append(F.pad(torch.as_tensor(mask), pad, value=IGNORE_INDEX))
     return torch.stack(images), torch.stack(masks)
+
+
+def unpadded_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Validation batches as lists, each image at its own size: the model sees every image whole and alone, as
+    ``fcnseg evaluate`` does, since padding to the batch's largest image changes the scores near the padded edges."""
+    return [image for image, _ in batch], [torch.as_tensor(mask) for _, mask in batch]
 
 
 def _distributed_world() -> tuple[int, int]:
@@ -154,6 +160,9 @@ class VOCDataModule(L.LightningDataModule):
         if world_size > 1:
             from fcnseg.data.samplers import UnpaddedDistributedSampler
 
+            if len(self.val_dataset) < world_size:  # a rank without images would wait forever at the metric sync
+                raise DataError(f"split {self.val_split!r} of {self.root} has {len(self.val_dataset)} images, fewer "
+                                f"than the {world_size} processes: use fewer devices or a larger validation split")
             sampler = UnpaddedDistributedSampler(self.val_dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
-                          **self._loader_kwargs())
+                          **{**self._loader_kwargs(), "collate_fn": unpadded_collate})

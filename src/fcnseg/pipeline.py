@@ -88,6 +88,17 @@ def evaluate(cfg: DictConfig) -> None:
                                  num_overlays=cfg.tracking.num_overlays, progress=True)
     write_reports(report, METRICS_FILE, PLOTS_DIR, history=epoch_history(TRAIN_DIR / "metrics.csv"))
     print_report(report)
+    # A held-out split (the synthetic data's `test`): scored with the checkpoint selected on val, reported next to
+    # val under that split's name in metrics.json (val stays at the top level: the registry gate compares val).
+    test_split = cfg.data.get("test_split")
+    test_report = None
+    if test_split:
+        test_report = evaluate_checkpoint(BEST_CHECKPOINT, cfg.data.root, test_split, progress=True)
+        metrics = json.loads(METRICS_FILE.read_text())
+        metrics[test_split] = test_report.summary()
+        METRICS_FILE.write_text(json.dumps(metrics, indent=2))
+        print(f"held-out split {test_split!r}:")
+        print_report(test_report)
     run_file = TRAIN_DIR / "mlflow_run.json"
     if cfg.tracking.enabled and run_file.is_file():
         import mlflow
@@ -98,6 +109,9 @@ def evaluate(cfg: DictConfig) -> None:
         client = mlflow.MlflowClient(run["tracking_uri"])
         log_evaluation(client, run["run_id"], report.results, report.class_names, report.grid,
                        prefix="eval", artifact_dir="evaluation")
+        if test_report is not None:
+            log_evaluation(client, run["run_id"], test_report.results, test_report.class_names, None,
+                           prefix=test_split, artifact_dir=f"evaluation/{test_split}")
         client.log_artifact(run["run_id"], str(METRICS_FILE), "evaluation")
 
 

@@ -124,3 +124,33 @@ def test_bad_arguments_raise_data_error(tmp_path):
     with pytest.raises(DataError, match="data.synthetic"):
         write_synthetic_voc(tmp_path / "VOC2012", no_such_option=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_held_out_test_split_is_disjoint_and_leaves_train_and_val_unchanged(tmp_path, dataset):
+    assert not (dataset / "ImageSets" / "Segmentation" / "test.txt").exists()  # num_test=0: no test split
+    root = write_synthetic_voc(tmp_path / "VOC2012", seed=0, num_test=5, **SMALL)
+    sets = root / "ImageSets" / "Segmentation"
+    train, val, test = ((sets / f"{split}.txt").read_text().split() for split in ("train", "val", "test"))
+    assert len(test) == 5 and not set(test) & (set(train) | set(val))
+    assert (sets / "trainval.txt").read_text().split() == train + val  # test stays out of trainval
+    with_test, without = _files(root), _files(dataset)
+    for image_id in train + val:  # adding test images does not redraw the others
+        for name in (f"JPEGImages/{image_id}.jpg", f"SegmentationClass/{image_id}.png"):
+            assert with_test[name] == without[name]
+    for image_id in test:  # real samples, not copies of train/val ones
+        assert Image.open(root / "SegmentationClass" / f"{image_id}.png").size == (48, 40)
+        assert with_test[f"JPEGImages/{image_id}.jpg"] not in {without[f"JPEGImages/{i}.jpg"] for i in train + val}
+    assert json.loads((root / ".complete").read_text())["params"]["num_test"] == 5
+    with pytest.raises(DataError, match="num_test"):
+        write_synthetic_voc(tmp_path / "bad" / "VOC2012", num_test=-1)
+
+
+def test_quickstart_data_has_a_held_out_test_split():
+    """The quick start scores a split nothing was calibrated or selected on (conf/data/synthetic.yaml)."""
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose("config", overrides=["experiment=quickstart"])
+    assert cfg.data.synthetic.num_test > 0 and cfg.data.test_split == "test"
+    assert cfg.data.test_split not in (cfg.data.datamodule.train_split, cfg.data.datamodule.val_split)

@@ -8,7 +8,11 @@ ordinary VOC reader, transforms and metrics run unchanged.
 
 Layout written under ``root`` (a ``VOC2012`` directory)::
 
-    JPEGImages/<id>.jpg  SegmentationClass/<id>.png  ImageSets/Segmentation/{train,val,trainval}.txt  .complete
+    JPEGImages/<id>.jpg  SegmentationClass/<id>.png  ImageSets/Segmentation/{train,val,trainval,test}.txt  .complete
+
+The ``test`` split (``num_test`` images, drawn after train and val from the same distribution) is held out: the
+generator's difficulty was calibrated on val and checkpoints are selected on val, so only test gives a figure that
+nothing was tuned on. Adding test images leaves the train and val images unchanged (sample i depends on (seed, i)).
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class SyntheticParams:
     seed: int = 0
     num_train: int = 400
     num_val: int = 100
+    num_test: int = 0
     height: int = 96
     width: int = 96
     objects: tuple[int, int] = (2, 4)  # min/max objects per image
@@ -233,16 +238,17 @@ def _write_all(tmp: Path, p: SyntheticParams) -> None:
     sets = tmp / "ImageSets" / "Segmentation"
     for d in (images, labels, sets):
         d.mkdir(parents=True)
-    ids = {"train": [], "val": []}
-    for index in range(p.num_train + p.num_val):
-        split = "train" if index < p.num_train else "val"
+    ids: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for index in range(p.num_train + p.num_val + p.num_test):
+        split = "train" if index < p.num_train else "val" if index < p.num_train + p.num_val else "test"
         image_id = f"synth_{index:06d}"
         image, label = render_sample(p, index)
         Image.fromarray(image, mode="RGB").save(images / f"{image_id}.jpg", quality=JPEG_QUALITY)
         save_label_png(label, labels / f"{image_id}.png")
         ids[split].append(image_id)
     for split, names in (*ids.items(), ("trainval", ids["train"] + ids["val"])):
-        (sets / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+        if names or split != "test":
+            (sets / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
 
 
 def write_synthetic_voc(
@@ -252,6 +258,7 @@ def write_synthetic_voc(
     num_val: int = 100,
     height: int = 96,
     width: int = 96,
+    num_test: int = 0,
     **drawing: object,
 ) -> Path:
     """Write the synthetic dataset in the VOC layout under ``root`` (a ``VOC2012`` directory) and return it.
@@ -260,8 +267,10 @@ def write_synthetic_voc(
     sibling directory and renamed into place with its ``.complete`` marker (parameters + content hash) already
     inside, so ``root`` is never half-written. Returns at once if ``root`` is complete with the same parameters;
     with other parameters it is replaced. ``drawing`` overrides other ``SyntheticParams`` fields (difficulty).
+    ``num_test`` > 0 adds a held-out ``test`` split (``ImageSets/Segmentation/test.txt``).
     """
-    sizes = {"num_train": (num_train, 1), "num_val": (num_val, 1), "height": (height, 8), "width": (width, 8)}
+    sizes = {"num_train": (num_train, 1), "num_val": (num_val, 1), "num_test": (num_test, 0), "height": (height, 8),
+             "width": (width, 8)}
     for name, (value, minimum) in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise DataError(
@@ -269,8 +278,8 @@ def write_synthetic_voc(
             )
     try:
         drawing = {k: tuple(v) if isinstance(v, list) else v for k, v in drawing.items()}
-        params = SyntheticParams(seed=int(seed), num_train=num_train, num_val=num_val, height=height, width=width,
-                                 **drawing)  # type: ignore[arg-type]
+        params = SyntheticParams(seed=int(seed), num_train=num_train, num_val=num_val, num_test=num_test,
+                                 height=height, width=width, **drawing)  # type: ignore[arg-type]
     except TypeError as err:
         raise DataError(f"synthetic data: {err}; check the keys under data.synthetic") from None
 

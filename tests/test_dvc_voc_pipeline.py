@@ -122,6 +122,7 @@ def test_dvc_repro_fetches_voc_itself_and_a_team_remote_round_trip_downloads_not
     assert srv.requests == [("/voc.tar", None)]
     assert (first / "data" / "downloads" / TARBALL).read_bytes() == tarball
     assert stored(first / ".dvc" / "cache", md5).read_bytes() == tarball
+    assert os.path.samefile(stored(first / ".dvc" / "cache", md5), first / "data" / "downloads" / TARBALL)  # 1 copy
     assert 0.0 <= json.loads((first / "metrics.json").read_text())["mean_iou"] <= 1.0
     assert "changed" not in sh(first, DVC, "status").stdout + sh(first, DVC, "status", "data.dvc").stdout
 

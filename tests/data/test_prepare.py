@@ -267,7 +267,8 @@ def test_fetch_with_a_local_tarball_then_prepare_stage_downloads_nothing(voc_byt
     cli.main(["fetch", "--tarball", str(local)])
 
     cached = project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
-    assert cached.read_bytes() == voc_bytes and not os.path.samefile(cached, local)  # a copy: local stays writable
+    assert cached.read_bytes() == voc_bytes
+    assert not os.path.samefile(cached, local) and local.stat().st_mode & 0o200  # a copy: the user's stays writable
     root = voc_root(project / "data")
     _assert_ready_voc(root)
     marker = root / ".complete"

@@ -73,7 +73,10 @@ def add_to_dvc_cache(path: str | Path, resource: Resource, repo_root: str | Path
         problem = mismatch(path, resource)
         if problem:
             raise ConfigError(f"{problem}: not the tarball data.dvc pins; delete it and run again")
-        odb.add(str(Path(path).resolve()), odb.fs, resource.md5)  # reflink or copy: never the workspace's inode
+        # Our own download (one link) joins the cache as a hard link, as DVC's cache.type=hardlink would: no second
+        # 2 GB copy (both names turn read-only). A file that is also the user's copy (`fcnseg fetch --tarball`
+        # links it) is copied instead, so the user's file is never made read-only.
+        odb.add(str(Path(path).resolve()), odb.fs, resource.md5, hardlink=os.stat(path).st_nlink == 1)
         odb.protect(odb.oid_to_path(resource.md5))
         return True
     finally:

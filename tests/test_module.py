@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fcnseg.errors import CheckpointError, FcnsegError
-from fcnseg.module import SegmentationModule, load_module, poly_schedule
+from fcnseg.module import SegmentationModule, load_module
 
 NET = {"_target_": "fcnseg.models.build_fcn", "name": "fcn8s", "num_classes": 21, "width": 0.0625,
        "backbone_weights": None, "learnable_upsampling": False}
@@ -70,11 +70,22 @@ def test_biases_learn_at_twice_the_rate_without_weight_decay_and_upsampling_stay
     assert all(p.ndim == 1 for p in biases["params"])
 
 
-def test_poly_schedule():
-    schedule = poly_schedule(100, power=0.9)
-    assert schedule(0) == 1.0
-    assert schedule(50) == pytest.approx(0.5 ** 0.9)
-    assert schedule(100) == 0.0 and schedule(150) == 0.0
+def test_poly_schedule_runs_torchs_polynomial_lr_over_the_runs_total_steps(voc_root):
+    from fcnseg.data import VOCDataModule
+
+    poly = {"_target_": "torch.optim.lr_scheduler.PolynomialLR", "_partial_": True, "power": 0.9}
+    module = make_module(scheduler=poly)
+    datamodule = VOCDataModule(str(voc_root), batch_size=2, val_batch_size=2, num_workers=0,
+                               train_transform={"crop_size": 32})
+    trainer = L.Trainer(max_epochs=2, limit_val_batches=0, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=datamodule)  # 6 images, batch 2: 3 steps per epoch, 6 in all
+    scheduler = trainer.lr_scheduler_configs[0]
+    assert isinstance(scheduler.scheduler, torch.optim.lr_scheduler.PolynomialLR) and scheduler.interval == "step"
+    assert scheduler.scheduler.total_iters == 6
+    weights, biases = trainer.optimizers[0].param_groups
+    assert weights["lr"] == 0.0 and biases["lr"] == 0.0  # (1 - 6/6) ** 0.9: the schedule ran to its end
+    assert scheduler.scheduler.base_lrs == [0.01, 0.02]  # biases keep their 2x
 
 
 def test_non_finite_loss_stops_with_one_line_naming_the_step():

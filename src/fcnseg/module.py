@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,6 @@ from fcnseg.metrics import SCALAR_KEYS, SegmentationMetrics
 from fcnseg.models.weights import load_checkpoint_state, read_fcnseg_checkpoint
 
 
-def poly_schedule(total_steps: int, power: float = 0.9):
-    """The poly learning-rate policy: lr * (1 - step / total_steps) ** power."""
-    total_steps = max(int(total_steps), 1)
-    return lambda step: max(0.0, 1.0 - step / total_steps) ** power
-
-
 NO_FAULT = 2**62  # "no non-finite loss yet": larger than any step, so a min over ranks finds the first fault
 
 
@@ -33,7 +28,8 @@ class SegmentationModule(L.LightningModule):
     without any config tree: ``SegmentationModule.load_from_checkpoint(path)``.
 
     - ``net``: kwargs of ``fcnseg.models.build_fcn`` with ``_target_`` (the ``model.net`` config).
-    - ``optim``: ``optimizer`` (a ``_partial_`` optimiser config), ``scheduler`` (null or ``{name: poly, power}``),
+    - ``optim``: ``optimizer`` (a ``_partial_`` optimiser config), ``scheduler`` (null or a ``_partial_`` scheduler
+      config, stepped every optimiser step; ``total_iters`` is filled in with the run's total steps),
       ``bias_lr_mult``, ``bias_weight_decay``, ``loss_reduction`` (``mean`` over valid pixels, or the paper's ``sum``).
     - ``normalization``: the input normalisation the weights expect; recorded so inference matches training.
     - Speed (the ``training`` config section): ``train_metrics_every_n_steps`` (training metrics from 1 step in n;
@@ -141,16 +137,16 @@ class SegmentationModule(L.LightningModule):
     # --- validation: each image whole and alone, as `fcnseg evaluate` and the paper's scorer see it -----------------
     def validation_step(self, batch, batch_idx: int) -> None:
         images, masks = batch  # lists of differently sized images (unpadded_collate), or stacked equal sizes
-        loss_sum, pixels = torch.zeros((), device=self.device), 0
+        losses = []
         for image, mask in zip(images, masks):
             logits = self.net(self._to_memory_format(image[None])).float()
             target = mask[None].long()
-            loss_sum = loss_sum + F.cross_entropy(logits, target, ignore_index=self.hparams.ignore_index,
-                                                  reduction="sum")
-            pixels += int((target != self.hparams.ignore_index).sum())
+            valid = (target != self.hparams.ignore_index).sum().clamp(min=1)  # stays on the device: no sync
+            losses.append(F.cross_entropy(logits, target, ignore_index=self.hparams.ignore_index,
+                                          reduction="sum") / valid)
             self.val_metrics.update(logits, target)
-        # the mean over every valid pixel of the split: weighted by pixel count, summed over ranks
-        self.log("val/loss", loss_sum / max(pixels, 1), on_epoch=True, sync_dist=True, batch_size=max(pixels, 1))
+        # the mean over images of each image's per-pixel loss, over all ranks
+        self.log("val/loss", torch.stack(losses).mean(), on_epoch=True, sync_dist=True, batch_size=len(losses))
 
     def on_validation_epoch_end(self) -> None:
         results = self.val_metrics.compute()  # the confusion matrix is summed over ranks here
@@ -189,10 +185,11 @@ class SegmentationModule(L.LightningModule):
         scheduler_cfg = optim.get("scheduler")
         if not scheduler_cfg:
             return optimizer
-        if scheduler_cfg.get("name") != "poly":
-            raise FcnsegError(f"unknown optim.scheduler.name {scheduler_cfg.get('name')!r}; use 'poly' or null")
-        schedule = poly_schedule(self.trainer.estimated_stepping_batches, float(scheduler_cfg.get("power", 0.9)))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        make_scheduler = hydra.utils.instantiate(scheduler_cfg)  # a `_partial_` scheduler, e.g. PolynomialLR
+        kwargs = {}
+        if "total_iters" in inspect.signature(getattr(make_scheduler, "func", make_scheduler)).parameters:
+            kwargs["total_iters"] = self.trainer.estimated_stepping_batches  # schedules that run to the end
+        scheduler = make_scheduler(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _fused_kwargs(self, make_optimizer, config: dict[str, Any]) -> dict[str, bool]:

@@ -39,6 +39,8 @@ DEFAULT_OUTPUT_DIR = Path("artifacts/train")
 def resolve_output_dir(cfg: DictConfig) -> Path:
     if cfg.paths.output_dir:
         return Path(cfg.paths.output_dir)
+    if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run`: one dir per MLflow run (`--run-id` of a run resumes it)
+        return Path("artifacts/mlflow-run") / os.environ["MLFLOW_RUN_ID"]
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return DEFAULT_OUTPUT_DIR

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -251,7 +252,7 @@ def _pinned_project(path: Path, voc_bytes: bytes, url: str) -> Path:
 def test_fetch_with_a_local_tarball_then_prepare_stage_downloads_nothing(voc_bytes, tmp_path, monkeypatch):
     """`fcnseg fetch --tarball PATH` verifies it against data.dvc and stores it in DVC's cache (so `dvc push`
     sends it); the prepare stage then uses it with every mirror unreachable; a VOC tree extracted from another
-    archive (a new pin) is replaced."""
+    archive (a new pin) is replaced; with data/ gone, the tarball comes from DVC's cache."""
     from omegaconf import OmegaConf
 
     from fcnseg import cli, pipeline
@@ -281,5 +282,8 @@ def test_fetch_with_a_local_tarball_then_prepare_stage_downloads_nothing(voc_byt
 
     _assert_ready_voc(root)
     assert json.loads(marker.read_text())["md5"] == md5
+    shutil.rmtree(project / "data")  # as in a `dvc exp run --temp` workspace: only DVC's cache has the tarball
+    pipeline.prepare(cfg)
+    _assert_ready_voc(root)
     with pytest.raises(ConfigError, match="data.pinned_md5"):
         pipeline.prepare(OmegaConf.merge(cfg, {"data": {"pinned_md5": "f" * 32}}))

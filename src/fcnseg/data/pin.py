@@ -57,17 +57,39 @@ def voc_resource(pin_file: str | Path = PIN_FILE, mirrors: list[str] | str | Non
     return Resource(resource.filename, resource.md5, resource.size, mirror_urls(resource, mirrors))
 
 
+def _dvc_cache(repo_root: str | Path):
+    """The DVC project's local cache (an object DB) and the open Repo (to close); None outside a DVC project."""
+    if not (Path(repo_root) / ".dvc").is_dir():
+        return None
+    from dvc.repo import Repo
+
+    repo = Repo(str(repo_root))
+    return repo.cache.local, repo
+
+
+def cached_tarball(resource: Resource, repo_root: str | Path = ".") -> Path | None:
+    """The file DVC's cache holds for ``resource`` (a temporary `dvc exp run` workspace, a deleted ``data/``), or
+    None. Read it, never write it."""
+    found = _dvc_cache(repo_root)
+    if found is None:
+        return None
+    odb, repo = found
+    try:
+        path = Path(odb.oid_to_path(resource.md5))
+        return path if path.is_file() else None
+    finally:
+        repo.close()
+
+
 def add_to_dvc_cache(path: str | Path, resource: Resource, repo_root: str | Path = ".") -> bool:
     """Stores ``path`` (which must be ``resource``) in the DVC cache of ``repo_root``, as ``dvc commit`` would,
     so ``dvc push`` can send it. Returns False (and does nothing) outside a DVC project; verifies the file only
     when the cache does not hold it yet. Safe inside ``dvc repro``: it writes the cache, never DVC's lock."""
-    if not (Path(repo_root) / ".dvc").is_dir() or not Path(path).is_file():
+    found = _dvc_cache(repo_root) if Path(path).is_file() else None
+    if found is None:
         return False
-    from dvc.repo import Repo
-
-    repo = Repo(str(repo_root))
+    odb, repo = found
     try:
-        odb = repo.cache.local
         if odb.exists(resource.md5):
             return True
         problem = mismatch(path, resource)

@@ -104,8 +104,10 @@ def prepare_voc(data_dir: str | Path, tarball: str | Path | None = None, sbd: bo
     resource = voc_resource or pin.voc_resource()
     pinned, tracked = pin.pinned()
     is_pinned = tracked is not None and pinned.md5 == resource.md5
-    if is_pinned and tarball is None and tracked.is_file():
-        tarball = tracked  # there by `dvc pull` (or an earlier fetch): verified, never downloaded again
+    if is_pinned and tarball is None:
+        # there by `dvc pull` or an earlier fetch, or in DVC's cache only (a `dvc exp run --temp` workspace, a
+        # deleted data/): verified, never downloaded again
+        tarball = tracked if tracked.is_file() else pin.cached_tarball(resource)
     with FileLock(data_dir / ".prepare.lock"):
         root = _extract_once(voc_root(data_dir), resource, "VOCdevkit/VOC2012", data_dir, tarball, VOC_WAYS_OUT,
                              progress)

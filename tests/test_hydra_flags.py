@@ -34,7 +34,7 @@ def test_cfg_hydra_and_info_are_passed_to_hydra(flags, needle):
 
 def test_cfg_job_with_a_bad_override_is_one_line():
     from fcnseg.cli_errors import precheck_overrides
-    from fcnseg.train import CONFIG_DIR
+    from fcnseg.config import CONFIG_DIR
 
     for argv in (["--cfg", "job"], ["--cfg", "job", "--package", "model", "model=fcn16s"], ["--info"],
                  ["-m", "model=fcn32s,fcn16s"]):

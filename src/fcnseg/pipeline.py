@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.cli_errors import exit_on_user_error
+from fcnseg.config import CONFIG_DIR, CONFIG_NAME
 from fcnseg.errors import ConfigError, FcnsegError
 
 TRAIN_DIR = Path("artifacts/train")
@@ -24,7 +24,6 @@ METRICS_FILE = Path("metrics.json")
 PLOTS_DIR = Path("plots")
 REGISTER_FILE = Path("artifacts/register.json")
 STAGES = ("prepare", "train", "evaluate", "register")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def load_params(path: str | Path = "params.yaml") -> DictConfig:
@@ -40,25 +39,27 @@ def prepare(cfg: DictConfig) -> None:
     prepare_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.paths.data_dir)
 
 
-def _config_fingerprint(cfg: DictConfig) -> str:
-    """What a resumable checkpoint must have been trained with (everything but tracking/resume settings)."""
-    relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("tracking", "ckpt_path")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def train(cfg: DictConfig) -> None:
-    from fcnseg.train import train as run_training
+    from lightning.pytorch.utilities import rank_zero_only
 
-    # Outputs persist so an interrupted `dvc repro` resumes from last.ckpt, but only a run of the same config.
-    fingerprint_file = TRAIN_DIR / "config.sha256"
-    fingerprint = _config_fingerprint(cfg)
-    if TRAIN_DIR.exists() and (not fingerprint_file.is_file() or fingerprint_file.read_text() != fingerprint):
-        shutil.rmtree(TRAIN_DIR)
-    TRAIN_DIR.mkdir(parents=True, exist_ok=True)
-    fingerprint_file.write_text(fingerprint)
+    from fcnseg.train import RUN_CONFIG, config_differences, train as run_training
+
+    # The stage's outputs persist, so an interrupted `dvc repro` resumes from last.ckpt. DVC re-runs this stage when
+    # its params change: a run of another config is then started over (said, not silent), never resumed.
+    # Under trainer=ddp Lightning re-runs this command for the other local ranks (torchrun/SLURM start one per rank):
+    # only rank 0 (known from the launcher's environment) touches the files.
+    recorded = TRAIN_DIR / RUN_CONFIG
+    if rank_zero_only.rank == 0 and TRAIN_DIR.exists():
+        differing = (config_differences(OmegaConf.to_container(OmegaConf.load(recorded)),
+                                        OmegaConf.to_container(cfg, resolve=True))
+                     if recorded.is_file() else ["(no recorded config)"])
+        if differing:
+            print(f"{TRAIN_DIR} holds a run of another config (differs in: {', '.join(differing[:8])}); "
+                  f"starting over", flush=True)
+            shutil.rmtree(TRAIN_DIR)
     result = run_training(cfg, output_dir=TRAIN_DIR)
     best = Path(result["best_checkpoint"])
-    if best.resolve() != BEST_CHECKPOINT.resolve():
+    if rank_zero_only.rank == 0 and best.resolve() != BEST_CHECKPOINT.resolve():
         shutil.copy2(best, BEST_CHECKPOINT)
 
 
@@ -116,7 +117,7 @@ def evaluate(cfg: DictConfig) -> None:
 
 
 def register(cfg: DictConfig) -> None:
-    from fcnseg import registry
+    from fcnseg import lineage, registry
     from fcnseg.tracking import data_version
 
     result_file = TRAIN_DIR / "train_result.json"
@@ -134,6 +135,8 @@ def register(cfg: DictConfig) -> None:
     version = registry.register_model(
         result["model_uri"], cfg.tracking.registered_model_name, val_mean_iou=metrics["mean_iou"],
         data_version=data_version(cfg.data.root), client=client, tags={"model": cfg.model.name},
+        evaluation=lineage.evaluation_set(cfg.data.root, cfg.data.datamodule.val_split, data_version(cfg.data.root)),
+        per_class_iou=metrics.get("per_class_iou"), lineage=lineage.dvc_lock_hashes(Path.cwd()),
     )
     decision = registry.promote(cfg.tracking.registered_model_name, version.version, client=client)
     print(decision.summary())
@@ -147,7 +150,7 @@ def compose_params(output: str | Path = "params.yaml", overrides: list[str] | No
     """Writes params.yaml exactly as `dvc exp run` composes it from conf/ (so `dvc repro` sees the same)."""
     from dvc.utils.hydra import compose_and_dump
 
-    compose_and_dump(output, str(CONFIG_DIR), None, "config", "", list(overrides or []))
+    compose_and_dump(output, CONFIG_DIR, None, CONFIG_NAME, "", list(overrides or []))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a dvc.yaml stage, or 'params' to recompose params.yaml from conf/ [overrides]")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (only with 'params')")
     parser.add_argument("--params", default="params.yaml", help="composed config (default: params.yaml)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --params may come before or after the overrides
     with exit_on_user_error():
         if args.stage == "params":
             compose_params(args.params, args.overrides)

@@ -27,12 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.checkpointing import AtomicCheckpointIO, RngStateCheckpoint
 from fcnseg.cli_errors import exit_on_user_error, precheck_overrides
+from fcnseg.config import CONFIG_DIR, CONFIG_NAME
 from fcnseg.data.classes import VOC_CLASSES
 from fcnseg.errors import CheckpointError, ConfigError
 from fcnseg.module import SegmentationModule
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 DEFAULT_OUTPUT_DIR = Path("artifacts/train")
 
 
@@ -235,7 +235,7 @@ def is_distributed(trainer_cfg: DictConfig) -> bool:
     return "ddp" in name.lower() or "DDPStrategy" in name
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=CONFIG_NAME)
 def hydra_main(cfg: DictConfig) -> float | None:
     with exit_on_user_error():
         if HydraConfig.get().mode == RunMode.MULTIRUN and is_distributed(cfg.trainer):
@@ -264,7 +264,7 @@ def launcher_run_dir(env: dict[str, str] | None = None) -> str | None:
 
 
 def main() -> None:
-    precheck_overrides(CONFIG_DIR, "config")
+    precheck_overrides(CONFIG_DIR, CONFIG_NAME)
     run_dir = launcher_run_dir()
     if run_dir and not any(arg.startswith("hydra.run.dir=") for arg in sys.argv[1:]):
         sys.argv.append(f"hydra.run.dir={run_dir}")

@@ -1,0 +1,1 @@
+"""Hydra config tree of fcnseg (the root is config.yaml); a package so the installed wheel carries it."""

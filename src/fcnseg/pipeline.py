@@ -57,6 +57,7 @@ def train(cfg: DictConfig) -> None:
             print(f"{TRAIN_DIR} holds a run of another config (differs in: {', '.join(differing[:8])}); "
                   f"starting over", flush=True)
             shutil.rmtree(TRAIN_DIR)
+    cfg.tracking.evaluate_after_training = False  # the evaluate stage evaluates and logs into the run, once
     result = run_training(cfg, output_dir=TRAIN_DIR)
     best = Path(result["best_checkpoint"])
     if rank_zero_only.rank == 0 and best.resolve() != BEST_CHECKPOINT.resolve():

@@ -113,12 +113,16 @@ class SegmentationModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         every = int(self.hparams.get("nonfinite_check_every_n_steps", 1))
-        # Every n steps and at each epoch's last batch, before validation and checkpointing can see bad weights.
-        # The earliest over ranks, so a fault on one rank stops every rank here with the same message.
+        # Every n steps and at each epoch's last batch (and before each validation, below), so neither validation
+        # nor a checkpoint ever sees weights a non-finite step produced.
         if every and ((batch_idx + 1) % every == 0 or self.trainer.is_last_batch):
-            first = int(self.trainer.strategy.reduce(self._first_nonfinite_step.clone(), reduce_op="min"))
-            if first != NO_FAULT:
-                self._stop_on_non_finite(first)
+            self._check_nonfinite()
+
+    def _check_nonfinite(self) -> None:
+        # The earliest over ranks, so a fault on one rank stops every rank here with the same message.
+        first = int(self.trainer.strategy.reduce(self._first_nonfinite_step.clone(), reduce_op="min"))
+        if first != NO_FAULT:
+            self._stop_on_non_finite(first)
 
     def _stop_on_non_finite(self, step: int) -> None:
         callbacks = getattr(self._trainer, "checkpoint_callbacks", None) or []
@@ -148,7 +152,15 @@ class SegmentationModule(L.LightningModule):
         # the mean over images of each image's per-pixel loss, over all ranks
         self.log("val/loss", torch.stack(losses).mean(), on_epoch=True, sync_dist=True, batch_size=len(losses))
 
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.training and hasattr(self, "_first_nonfinite_step"):  # mid-epoch validation (val_check_interval)
+            self._check_nonfinite()
+        # Whole images come in many sizes: cuDNN autotuning (trainer.benchmark) would re-tune for each new one.
+        self._cudnn_benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False
+
     def on_validation_epoch_end(self) -> None:
+        torch.backends.cudnn.benchmark = self._cudnn_benchmark
         results = self.val_metrics.compute()  # the confusion matrix is summed over ranks here
         self.last_val_results = results
         self._log_metrics("val", results, per_class=True)

@@ -110,7 +110,7 @@ def evaluate(cfg: DictConfig) -> None:
         run = json.loads(run_file.read_text())
         client = mlflow.MlflowClient(run["tracking_uri"])
         log_evaluation(client, run["run_id"], report.results, report.class_names, report.grid,
-                       prefix="eval", artifact_dir="evaluation")
+                       prefix="val", artifact_dir="evaluation")
         if test_report is not None:
             log_evaluation(client, run["run_id"], test_report.results, test_report.class_names, None,
                            prefix=test_split, artifact_dir=f"evaluation/{test_split}")

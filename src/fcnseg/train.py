@@ -93,6 +93,7 @@ RESUME_EXEMPT_KEYS = (
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
     "trainer.log_every_n_steps", "trainer.max_time",
     "data.datamodule.num_workers", "data.datamodule.pin_memory", "data.datamodule.val_batch_size",
+    "data.mirrors", "data.tarball", "data.sbd_tarball",  # where the archive comes from: its MD5 is checked
     "training.train_metrics_every_n_steps", "training.nonfinite_check_every_n_steps", "training.compile",
     "training.channels_last",
 )

@@ -139,19 +139,26 @@ def import_weights(args: argparse.Namespace) -> None:
 def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="registered model name, e.g. fcn-voc")
     p.add_argument("version", help="the version to make champion")
-    p.add_argument("--force", action="store_true", help="promote even if not better or on other data")
+    p.add_argument("--force", action="store_true",
+                   help="promote even if not better, on another evaluation set or with a class dropping (recorded)")
+    p.add_argument("--per-class-margin", type=float, default=0.05,
+                   help="refuse when any class's IoU drops by more than this (default 0.05 = 5 points)")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db")
 
 
-@command("promote", "move the 'champion' alias to a version if it beats the champion on the same data")
+@command("promote", "move the 'champion' alias to a version if it beats the champion on the same evaluation set")
 @_configure(_promote_args)
 def promote(args: argparse.Namespace) -> None:
     from fcnseg import registry
     from fcnseg.tracking import resolve_tracking_uri
 
     client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
-    decision = registry.promote(args.name, args.version, force=args.force, client=client)
+    decision = registry.promote(args.name, args.version, force=args.force, client=client,
+                                per_class_margin=args.per_class_margin)
     print(decision.summary())
+    if decision.per_class_delta:
+        print(f"per-class IoU change, v{decision.version} - v{decision.previous_champion}:")
+        print(decision.delta_table())
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:
@@ -159,7 +166,7 @@ def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri")
 
 
-@command("models", "list a registered model's versions, aliases and val mean IoU")
+@command("models", "list a registered model's versions: aliases, mean IoU, evaluation set and lineage")
 @_configure(_models_args)
 def models(args: argparse.Namespace) -> None:
     from fcnseg import registry
@@ -167,11 +174,40 @@ def models(args: argparse.Namespace) -> None:
 
     client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
     rows = registry.list_versions(args.name, client=client)
-    print(f"{'version':>7}  {'aliases':<20}  {'val mIoU':>8}  data version")
+    print(f"{'version':>7}  {'aliases':<20}  {'val mIoU':>8}  {'data version':<12}  {'eval split':<22}  git commit")
     for row in rows:
         iou = row.get("val_mean_iou")
+        split = row.get("eval_split")
+        evaluated = f"{split} ({row['eval_ids_sha256'][:8]})" if split and row.get("eval_ids_sha256") else ""
+        commit = (row.get("git_commit") or "")[:12] + ("+dirty" if row.get("git_dirty") == "true" else "")
         print(f"{row['version']:>7}  {','.join(row.get('aliases', [])):<20}  "
-              f"{'' if iou is None else f'{float(iou):.4f}':>8}  {row.get('data_version') or ''}")
+              f"{'' if iou is None else f'{float(iou):.4f}':>8}  {(row.get('data_version') or '')[:12]:<12}  "
+              f"{evaluated:<22}  {commit}")
+        for dataset in row.get("datasets", []):
+            print(f"{'':>9}dataset {dataset}")
+        for stage, hashes in sorted((row.get("dvc_lock") or {}).items()):
+            print(f"{'':>9}dvc.lock {stage}: {hashes}")
+
+
+def _reproduce_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_URI", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--run", action="store_true", dest="execute",
+                   help="run the commands here (git checkout, data, training)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db")
+
+
+@command("reproduce", "print (or --run) the exact commands that rebuild a registered version")
+@_configure(_reproduce_args)
+def reproduce(args: argparse.Namespace) -> None:
+    from fcnseg import registry
+    from fcnseg.reproduce import plan, run_plan
+    from fcnseg.tracking import project_root, resolve_tracking_uri
+
+    client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
+    steps = plan(client, args.model, project_root())
+    print(steps.script())
+    if args.execute:
+        run_plan(steps, project_root())
 
 
 def _sync_run_args(p: argparse.ArgumentParser) -> None:

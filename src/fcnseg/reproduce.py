@@ -1,0 +1,211 @@
+"""``fcnseg reproduce models:/NAME@ALIAS``: the exact commands that rebuild a registered version.
+
+From the version's lineage: ``git checkout <commit>``, the data (synthetic: regenerated from its seed by training;
+VOC: ``dvc pull data.dvc`` + ``fcnseg fetch`` of the pinned tarball), then ``python -m fcnseg.train`` with the
+overrides that turn the config composed at that commit into the run's logged ``config.yaml``. Machine-specific
+settings (``paths.*``, the tracking URI and run name, ``ckpt_path``) are left out: the rebuild writes to
+``reproduce/<name>-v<version>`` and tracks where ``MLFLOW_TRACKING_URI`` (or the project's store) says.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcnseg.errors import FcnsegError, TrackingError
+
+LOCAL_KEYS = ("paths.", "tracking.tracking_uri", "tracking.run_name", "ckpt_path")
+_BARE = re.compile(r"[A-Za-z0-9_./\-]+")
+_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass
+class Plan:
+    name: str
+    version: int
+    commands: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+    def script(self) -> str:
+        lines = [f"# rebuild {self.name} v{self.version}"] + [f"# {note}" for note in self.notes]
+        return "\n".join(lines + [shlex.join(command) for command in self.commands])
+
+
+def resolve_version(client, model_uri: str):
+    """The ModelVersion of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    match = _URI.match(model_uri)
+    if not match:
+        raise FcnsegError(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if match["alias"]:
+            return client.get_model_version_by_alias(match["name"], match["alias"])
+        return client.get_model_version(match["name"], match["version"])
+    except MlflowException as exc:
+        raise TrackingError(f"cannot find {model_uri}: {(str(exc).splitlines() or [''])[0]}; list versions with "
+                            f"`fcnseg models {match['name']}`") from exc
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def hydra_value(value: Any) -> str:
+    """A Python value in Hydra's override grammar (strings quoted unless plain words that parse as strings)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    import yaml
+
+    if _BARE.fullmatch(text) and isinstance(yaml.safe_load(text), str) and text.lower() not in ("true", "false"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def compose_at_commit(root: Path, commit: str | None, run_paths: dict[str, Any],
+                      overrides: list[str] | None = None) -> dict[str, Any]:
+    """The training config as composed from ``conf/`` at ``commit`` (the working tree's when None) with
+    ``overrides``, and the run's ``paths`` so that path interpolations resolve as they did for the run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = root / "conf"
+        if commit:
+            archive = subprocess.run(["git", "archive", commit, "conf"], cwd=root, capture_output=True, timeout=60)
+            if archive.returncode != 0:
+                raise FcnsegError(f"commit {commit[:12]} is not in the git repository at {root} "
+                                  f"({archive.stderr.decode(errors='replace').strip()[:200]}); git fetch it first")
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True, timeout=60)
+            conf = Path(tmp) / "conf"
+        paths = [f"paths.{key}={hydra_value(value)}" for key, value in run_paths.items()]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(conf.resolve()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=paths + list(overrides or []))
+        GlobalHydra.instance().clear()
+        return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _portable(value: Any, run_paths: dict[str, Any]) -> Any:
+    """A value under one of the run's ``paths`` as an interpolation of that path (``${paths.data_dir}/…``)."""
+    if isinstance(value, str):
+        for key, root in sorted(run_paths.items(), key=lambda item: -len(str(item[1] or ""))):
+            if root and isinstance(root, str) and (value == root or value.startswith(root.rstrip("/") + "/")):
+                return "${paths." + key + "}" + value[len(root.rstrip("/")):] if value != root else "${paths." + key + "}"
+    if isinstance(value, dict):
+        return {k: _portable(v, run_paths) for k, v in value.items()}
+    return value
+
+
+def training_overrides(logged: dict[str, Any], default: dict[str, Any], prefix: str = "",
+                       run_paths: dict[str, Any] | None = None) -> list[str]:
+    """Hydra overrides that make ``default`` equal ``logged`` (machine-specific keys left out; values under the
+    run's ``paths`` written relative to them, so they follow this machine's ``paths``)."""
+    if run_paths is None:
+        run_paths = {k: v for k, v in (logged.get("paths") or {}).items() if isinstance(v, str)}
+    overrides = []
+    for key, value in logged.items():
+        path = f"{prefix}{key}"
+        if path.startswith(LOCAL_KEYS) or path == "hydra":
+            continue
+        if key not in default:
+            overrides.append(f"+{path}={hydra_value(_portable(value, run_paths))}")
+        elif isinstance(value, dict) and isinstance(default[key], dict):
+            overrides += training_overrides(value, default[key], f"{path}.", run_paths)
+        elif value != default[key]:
+            overrides.append(f"{path}={hydra_value(_portable(value, run_paths))}")
+    overrides += [f"~{prefix}{key}" for key in default if key not in logged and not f"{prefix}{key}".startswith(LOCAL_KEYS)]
+    return overrides
+
+
+def plan(client, model_uri: str, root: Path) -> Plan:
+    """The commands that rebuild the version ``model_uri`` names, from its lineage and its run's config."""
+    from omegaconf import OmegaConf
+
+    version = resolve_version(client, model_uri)
+    name, number = version.name, int(version.version)
+    tags = version.tags or {}
+    if not version.run_id:
+        raise FcnsegError(f"{name} v{number} has no MLflow run, so there is no recorded recipe to rebuild it from")
+    run = client.get_run(version.run_id)
+    commit = tags.get("git_commit") or run.data.tags.get("git_commit") or run.data.tags.get("mlflow.source.git.commit")
+    notes = []
+    if run.data.tags.get("imported") == "true":
+        raise FcnsegError(f"{name} v{number} holds imported weights ({run.data.tags.get('source_weights', '?')}); "
+                          f"there is no training run to rebuild it from")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            config_file = client.download_artifacts(version.run_id, "config.yaml", tmp)
+        except Exception as exc:
+            raise FcnsegError(f"run {version.run_id} of {name} v{number} has no config.yaml artifact, so its "
+                              f"training config is unknown") from exc
+        logged = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    commands: list[list[str]] = []
+    if commit:
+        commands.append(["git", "checkout", commit])
+        if (tags.get("git_dirty") or run.data.tags.get("git_dirty")) == "true":
+            notes.append("the working tree had uncommitted changes when it was trained: they are not in the commit")
+    else:
+        notes.append("no git commit recorded: the config is composed from this checkout's conf/")
+    data = logged.get("data") or {}
+    if data.get("source") != "synthetic":
+        data_dir = str((logged.get("paths") or {}).get("data_dir", "data"))
+        commands.append(["dvc", "pull", "data.dvc"])
+        fetch = ["fcnseg", "fetch", "--data-dir", "data", "--tarball",
+                 "data/downloads/VOCtrainval_11-May-2012.tar"] + (["--sbd"] if data.get("sbd") else [])
+        commands.append(fetch)
+        if data_dir != "data":
+            notes.append(f"the run read its data from {data_dir}; the rebuild uses ./data")
+    else:
+        notes.append(f"synthetic data: training regenerates it from seed {(data.get('synthetic') or {}).get('seed')}")
+    default = compose_at_commit(root, commit, {k: v for k, v in (logged.get("paths") or {}).items()
+                                               if not isinstance(v, dict)})
+    out_dir = f"reproduce/{name}-v{number}"
+    commands.append(["python", "-m", "fcnseg.train", *training_overrides(logged, default),
+                     f"paths.output_dir={out_dir}", f"tracking.run_name=reproduce-{name}-v{number}"])
+    notes.append(f"then compare: fcnseg models {name} (the rebuild logs a new run; register it with dvc repro "
+                 f"or promote by hand)")
+    return Plan(name, number, commands, notes)
+
+
+def run_plan(plan_: Plan, root: Path) -> None:
+    """Runs the commands in ``root``, one after another; refuses to check out over uncommitted changes."""
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                            text=True, timeout=60)
+    if status.returncode == 0 and status.stdout.strip() and plan_.commands[0][:2] == ["git", "checkout"]:
+        raise FcnsegError(f"{root} has uncommitted changes; commit or stash them before `fcnseg reproduce --run` "
+                          f"checks out {plan_.commands[0][2][:12]}")
+    import sys
+
+    for index, command in enumerate(plan_.commands, 1):
+        print(f"[{index}/{len(plan_.commands)}] {shlex.join(command)}", flush=True)
+        argv = [sys.executable, *command[1:]] if command[0] == "python" else command
+        if command[0] == "fcnseg":
+            argv = [sys.executable, "-m", "fcnseg.cli", *command[1:]]
+        # the checked-out code runs, not whichever fcnseg this Python has installed
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"),
+                                                                          os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run(argv, cwd=root, env=env)
+        if done.returncode != 0:
+            raise FcnsegError(f"step {index} failed with exit code {done.returncode}: {shlex.join(command)}")

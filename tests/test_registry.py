@@ -192,28 +192,27 @@ RACER = textwrap.dedent("""
 """)
 
 
-def test_concurrent_promotions_leave_one_consistent_champion(store, name, tmp_path):
-    v1, a, b = add(store, name, 0.5), add(store, name, 0.6), add(store, name, 0.7)
-    registry.promote(name, v1, client=store["client"])
+def start_promoters(tmp_path, uri, name, versions, wait_s=120.0) -> list[subprocess.Popen]:
+    """One RACER process per version, all promoting at the same moment; returns them once they have been let go."""
     go = tmp_path / "go"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / f"ready{v}"), str(go),
-                               "promote", name, str(v), "--tracking-uri", store["uri"]],
+                               "promote", name, str(v), "--tracking-uri", uri],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for v in (a, b)]
-    deadline = time.monotonic() + 60
-    while not all((tmp_path / f"ready{v}").exists() for v in (a, b)) and time.monotonic() < deadline:
+             for v in versions]
+    deadline = time.monotonic() + wait_s
+    while not all((tmp_path / f"ready{v}").exists() for v in versions) and time.monotonic() < deadline:
         time.sleep(0.01)
     go.touch()
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
+    return procs
 
-    aliases = store["client"].get_registered_model(name).aliases
-    winner = int(aliases["champion"])
+
+def assert_serial_history(client, name, v1, a, b):
+    """Two promoters raced for a > v1 and b > a: the end state is one that some serial order produces."""
+    winner = int(client.get_registered_model(name).aliases["champion"])
     assert winner in (a, b)
     loser = b if winner == a else a
-    won, lost = tags(store, name, winner), tags(store, name, loser)
+    won, lost = (client.get_model_version(name, str(v)).tags for v in (winner, loser))
     assert won["promotion_decision"] == "promoted"
     # Serial histories only: either the loser went first (promoted over v1, then beaten by the winner),
     # or the winner went first and the loser was compared with it and kept out.
@@ -223,3 +222,12 @@ def test_concurrent_promotions_leave_one_consistent_champion(store, name, tmp_pa
         str(v1), "kept", str(winner))
     assert loser_first or winner_first, (won, lost)
     assert winner == b  # in any serial order the better challenger ends up champion
+
+
+def test_concurrent_promotions_leave_one_consistent_champion(store, name, tmp_path):
+    v1, a, b = add(store, name, 0.5), add(store, name, 0.6), add(store, name, 0.7)
+    registry.promote(name, v1, client=store["client"])
+    for proc in start_promoters(tmp_path, store["uri"], name, (a, b)):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert_serial_history(store["client"], name, v1, a, b)

@@ -9,11 +9,12 @@ Promotion is gated: the ``champion`` alias moves to a version only when there is
 deltas (tags ``iou_delta.<class>``), is written to the challenger's version tags, so the registry itself says why
 the champion is what it is.
 
-Two promotions at once must leave exactly one consistent champion. With a SQLite store (the default,
-``sqlite:///…/mlflow.db``) the read-compare-set section runs under a file lock next to the database
-(``<db>.promote.lock``). With a tracking server (Postgres behind it) no lock is taken: each request is
-serialised by the server, which is best effort: two promotions in the very same instant may both compare against
-the old champion, and the later alias write wins.
+Two promotions at once must leave exactly one consistent champion: the read-compare-set section runs under a
+lock. With a SQLite store (the default, ``sqlite:///…/mlflow.db``) it is a file lock next to the database
+(``<db>.promote.lock``). With a tracking server, MLflow has no compare-and-set on aliases, so the lock lives in
+the registry: the registered model ``<name>.promotion-lock``, whose creation is atomic on the server's database
+(one creator wins, the others wait; a lock left by a dead process is broken after ``LOCK_STALE_S``). After
+moving the alias, the promotion reads it back and fails loudly if it is not what it set.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import random
 import re
+import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +44,8 @@ from fcnseg.lineage import DVC_LOCK_PREFIX, EVAL_KEYS, GIT_COMMIT, GIT_DIRTY
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 LOCK_TIMEOUT_S = 120.0
+LOCK_STALE_S = 600.0  # a server-side lock older than this is left over by a dead process
+LOCK_SUFFIX = ".promotion-lock"
 LOCKED_RETRIES = 6  # "database is locked": another process holds SQLite's write lock; back off and retry
 PER_CLASS_MARGIN = 0.05  # no promotion when any class's IoU drops by more than this (IoU in [0, 1])
 DELTA_PREFIX = "iou_delta."
@@ -124,11 +131,16 @@ def _retry(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 @contextlib.contextmanager
-def _registry_lock(client: mlflow.MlflowClient) -> Iterator[None]:
-    """Serialises read-compare-set sections across processes when the registry is a SQLite file."""
+def _registry_lock(client: mlflow.MlflowClient, name: str) -> Iterator[None]:
+    """Serialises read-compare-set sections on model ``name`` across processes and machines.
+
+    SQLite store: a file lock next to the database. Any other store (a tracking server): a lock held in the
+    registry itself, see :func:`_server_lock`.
+    """
     db = sqlite_path(_registry_uri(client))
-    if db is None:  # a tracking server serialises requests itself (best effort, see module docstring)
-        yield
+    if db is None:
+        with _server_lock(client, name):
+            yield
         return
     from filelock import FileLock, Timeout
 
@@ -140,6 +152,43 @@ def _registry_lock(client: mlflow.MlflowClient) -> Iterator[None]:
         raise TrackingError(f"another registry update has held {lock_path} for over {LOCK_TIMEOUT_S:.0f} s; "
                             f"wait for it to finish, or delete the lock file if no fcnseg process is running"
                             ) from exc
+
+
+@contextlib.contextmanager
+def _server_lock(client: mlflow.MlflowClient, name: str) -> Iterator[None]:
+    """A lock any MLflow registry can hold: the registered model ``<name>.promotion-lock``.
+
+    Creating a registered model is atomic on every store (its name is the table's primary key): of concurrent
+    creators exactly one succeeds, the others get RESOURCE_ALREADY_EXISTS and retry until it is deleted. A lock
+    older than ``LOCK_STALE_S`` (its holder died) is broken.
+    """
+    lock = f"{name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        try:
+            _retry(client.create_registered_model, lock, tags={"holder": holder, "acquired": repr(time.time())},
+                   description="fcnseg promotion lock: held while a promotion runs; delete it if none is running")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = _retry(client.get_registered_model, lock)
+            if time.time() - float((held.tags or {}).get("acquired", "inf")) > LOCK_STALE_S:
+                _retry(client.delete_registered_model, lock)  # its holder died; the next create wins
+                continue
+        except MlflowException:
+            continue  # released meanwhile
+        if time.monotonic() > deadline:
+            raise TrackingError(f"registered model {lock!r} (another promotion of {name}) has been held for over "
+                                f"{LOCK_TIMEOUT_S:.0f} s; wait, or delete it in the MLflow UI if none is running")
+        time.sleep(0.05 + random.random() * 0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            _retry(client.delete_registered_model, lock)
 
 
 @contextlib.contextmanager
@@ -190,7 +239,7 @@ def register_model(model_uri: str, name: str, *, val_mean_iou: float | None, dat
         version_tags["per_class_iou"] = json.dumps(
             {k: (None if v is None or v != v else round(float(v), 6)) for k, v in per_class_iou.items()})
     version_tags.update({k: str(v) for k, v in (lineage or {}).items()})
-    with _as_tracking_error(f"register {model_uri} as {name}", client), _registry_lock(client):
+    with _as_tracking_error(f"register {model_uri} as {name}", client), _registry_lock(client, name):
         with _default_uris(client):  # it also resolves runs:/ URIs to the logged model, as MLflow 3 does
             version = _retry(mlflow.register_model, model_uri, name, tags=version_tags)
         _retry(client.set_registered_model_alias, name, CHALLENGER, version.version)
@@ -381,7 +430,7 @@ def promote(name: str, version: int | str, *, force: bool = False, client: mlflo
     if not 0.0 <= float(per_class_margin) <= 1.0:
         raise TrackingError(f"per-class margin must be an IoU difference in [0, 1] (0.05 = 5 points), "
                             f"got {per_class_margin}")
-    with _as_tracking_error(f"promote {name} v{number}", client), _registry_lock(client):
+    with _as_tracking_error(f"promote {name} v{number}", client), _registry_lock(client, name):
         challenger = _get_version(client, name, number)
         champion_number = _champion_version(client, name)
         champion = None if champion_number is None else _get_version(client, name, champion_number)
@@ -390,6 +439,9 @@ def promote(name: str, version: int | str, *, force: bool = False, client: mlflo
             return decision  # nothing changed; keep the record of the promotion that made it champion
         if decision.promoted:
             _retry(client.set_registered_model_alias, name, CHAMPION, str(number))
+            if _champion_version(client, name) != number:  # re-check: someone bypassing the lock moved it
+                raise TrackingError(f"champion of {name} changed while v{number} was being promoted (a promotion "
+                                    f"outside fcnseg?); run `fcnseg models {name}` and promote again")
         _record(client, decision, per_class_margin)
         return decision
 

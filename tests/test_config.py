@@ -161,3 +161,22 @@ def test_unknown_model_name_in_python_is_one_line():
     with pytest.raises(ConfigError) as info:
         build_fcn("fcn4s")
     assert "\n" not in str(info.value) and "fcn8s" in str(info.value)
+
+
+def test_paper_preset_loader_yields_each_training_image_whole(voc_root):
+    """Through the real datamodule: batches of one image at its own size, label intact (no crop, pad or resize)."""
+    from hydra.utils import instantiate
+
+    from fcnseg.data.voc import VOCSegmentation
+
+    cfg = _compose(["experiment=paper", f"data.root={voc_root}", "data.datamodule.train_split=train",
+                    "data.datamodule.val_split=val", "data.datamodule.num_workers=0", "data.datamodule.pin_memory=false"])
+    datamodule = instantiate(cfg.data.datamodule)
+    datamodule.setup("fit")
+    raw = VOCSegmentation(voc_root, "train")
+    sizes = sorted(tuple(raw[i][1].shape) for i in range(len(raw)))
+    seen = []
+    for images, masks in datamodule.train_dataloader():
+        assert images.shape[0] == 1 and images.shape[-2:] == masks.shape[-2:]
+        seen.append(tuple(masks.shape[-2:]))
+    assert sorted(seen) == sizes and len(set(sizes)) > 1

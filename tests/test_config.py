@@ -170,7 +170,8 @@ def test_paper_preset_loader_yields_each_training_image_whole(voc_root):
     from fcnseg.data.voc import VOCSegmentation
 
     cfg = _compose(["experiment=paper", f"data.root={voc_root}", "data.datamodule.train_split=train",
-                    "data.datamodule.val_split=val", "data.datamodule.num_workers=0", "data.datamodule.pin_memory=false"])
+                    "data.datamodule.val_split=val", "data.datamodule.num_workers=0",
+                    "data.datamodule.pin_memory=false"])
     datamodule = instantiate(cfg.data.datamodule)
     datamodule.setup("fit")
     raw = VOCSegmentation(voc_root, "train")

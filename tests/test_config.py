@@ -91,6 +91,7 @@ def test_paper_presets_are_the_caffe_solver(preset):
     trainer = cfg["trainer"]
     assert trainer["max_steps"] == steps and trainer["max_epochs"] == -1
     assert trainer["val_check_interval"] == 4000 and trainer["check_val_every_n_epoch"] is None
+    assert trainer["benchmark"] is False  # whole images of many sizes: no per-size cuDNN autotuning
 
 
 def test_paper_staged_inits_chain_to_the_previous_stage():

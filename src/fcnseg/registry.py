@@ -191,11 +191,29 @@ def _server_lock(client: mlflow.MlflowClient, name: str) -> Iterator[None]:
             _retry(client.delete_registered_model, lock)
 
 
+def auth_problem(exc: BaseException, action: str, where: str) -> str | None:
+    """The one-line message for a server's authentication (401) or permission (403) refusal; None otherwise."""
+    code = getattr(exc, "error_code", None)
+    if code == "UNAUTHENTICATED":
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        return (f"cannot {action}: {where} requires a login and "
+                + (f"refused user {who!r}; check MLFLOW_TRACKING_PASSWORD" if who else
+                   "none was given; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"))
+    if code == "PERMISSION_DENIED":
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no user)")
+        return (f"cannot {action}: user {who!r} lacks the permission on {where}; ask an MLflow admin for EDIT "
+                f"(or MANAGE) on the registered model, or run as a user who has it")
+    return None
+
+
 @contextlib.contextmanager
 def _as_tracking_error(action: str, client: mlflow.MlflowClient) -> Iterator[None]:
     try:
         yield
     except MlflowException as exc:
+        auth = auth_problem(exc, action, _registry_uri(client))
+        if auth:
+            raise TrackingError(auth) from exc
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TrackingError(f"cannot {action} in {_registry_uri(client)}: {first_line}") from exc
 

@@ -49,8 +49,11 @@ def resolve_version(client, model_uri: str):
             return client.get_model_version_by_alias(match["name"], match["alias"])
         return client.get_model_version(match["name"], match["version"])
     except MlflowException as exc:
-        raise TrackingError(f"cannot find {model_uri}: {(str(exc).splitlines() or [''])[0]}; list versions with "
-                            f"`fcnseg models {match['name']}`") from exc
+        from fcnseg.registry import auth_problem
+
+        auth = auth_problem(exc, f"read {model_uri}", client.tracking_uri)
+        raise TrackingError(auth or f"cannot find {model_uri}: {(str(exc).splitlines() or [''])[0]}; list "
+                                    f"versions with `fcnseg models {match['name']}`") from exc
 
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -24,12 +24,14 @@ SRC = Path(serving.__file__).resolve().parents[1]  # <checkout>/src, on sys.path
 MODEL_NAME = "fcn-portable"
 
 # Runs in a fresh `python -I` (no PYTHONPATH, no cwd on sys.path) from a directory outside the checkout; the
-# editable install's .pth entry for <checkout>/src is dropped too, so `import fcnseg` really fails until MLflow
-# puts the model's own code on sys.path.
+# editable install's hooks are dropped too (a .pth entry for <checkout>/src, or setuptools' finder on
+# sys.meta_path and its path hook), so `import fcnseg` really fails until MLflow puts the model's code on sys.path.
 LOADER = textwrap.dedent("""
     import base64, importlib.util, io, json, sys
     src = sys.argv[1]
-    sys.path[:] = [p for p in sys.path if not p.startswith(src)]
+    sys.path[:] = [p for p in sys.path if not p.startswith(src) and "__editable__" not in p]
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in str(getattr(f, "__module__", ""))]
+    sys.path_importer_cache.clear()
     assert importlib.util.find_spec("fcnseg") is None, "fcnseg is importable before loading"
     import mlflow.pyfunc
     import numpy as np

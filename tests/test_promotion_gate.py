@@ -186,3 +186,9 @@ def test_run_lineage_datasets_are_logged_inputs(tmp_path: Path, store) -> None:
     tags = {t.key: t.value for t in train.tags}
     assert tags["md5"] == "6cd6e144f989b92b3379bac3b3de84fd" and tags["split"] == "train"
     assert tags["ids_sha256"] == lineage.ids_digest(["t1", "t2", "t3"])
+
+    add(store, 0.5, lineage.evaluation_set(root, "val", "d1"))  # `fcnseg models` shows the version's datasets
+    listing = cli(store, "models", "fcn-gate")
+    assert listing.returncode == 0, listing.stderr
+    assert ("dataset training: voc2012/train from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"
+            "VOCtrainval_11-May-2012.tar (MD5 6cd6e144f989b92b3379bac3b3de84fd)") in listing.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,21 @@ from tests.tiny import ROOT, subprocess_env, tiny_overrides
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> tuple[Path, str]:
-    """A clone of this repository at HEAD: `git checkout` in it touches nothing of the working checkout."""
+    """A clone of this repository with the working tree committed on top (the code under test, whatever HEAD
+    holds): `git checkout` in it touches nothing of the working checkout."""
     target = tmp_path_factory.mktemp("reproduce") / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True, timeout=120)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source, copy = ROOT / name, target / name
+        if source.is_file():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run([*git, "add", "-A"], cwd=target, check=True, timeout=120)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "working tree under test"], cwd=target, check=True,
+                   timeout=120)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=target, capture_output=True, text=True,
                           check=True).stdout.strip()
     return target, head
@@ -53,7 +66,7 @@ def register_trained_config(tmp_path: Path, clone: tuple[Path, str], overrides: 
 
 
 def reproduce_cli(root: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**subprocess_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'rebuild.db'}"}
+    env = {**subprocess_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'elsewhere.db'}"}  # --tracking-uri wins
     return subprocess.run([sys.executable, "-m", "fcnseg.cli", "reproduce", "models:/fcn-rep@challenger", *args,
                            "--tracking-uri", uri], cwd=root, capture_output=True, text=True, env=env, timeout=900)
 
@@ -110,5 +123,5 @@ def test_run_checks_out_and_retrains_the_same_config(tmp_path: Path, clone: tupl
     assert {k: v for k, v in comparable(rebuilt).items() if k not in machine_keys} == comparable(logged, tmp_path)
     assert rebuilt["data"]["root"] == "data/synthetic/VOC2012" and (root / "data/synthetic/VOC2012").is_dir()
     result_file = json.loads((out / "train_result.json").read_text())
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'rebuild.db'}")
+    client = mlflow.MlflowClient(uri)  # the rebuild is tracked in the store the version came from
     assert client.get_run(result_file["run_id"]).info.run_name == "reproduce-fcn-rep-v1"

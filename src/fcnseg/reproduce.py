@@ -4,7 +4,7 @@ From the version's lineage: ``git checkout <commit>``, the data (synthetic: rege
 VOC: ``dvc pull data.dvc`` + ``fcnseg fetch`` of the pinned tarball), then ``python -m fcnseg.train`` with the
 overrides that turn the config composed at that commit into the run's logged ``config.yaml``. Machine-specific
 settings (``paths.*``, the tracking URI and run name, ``ckpt_path``) are left out: the rebuild writes to
-``reproduce/<name>-v<version>`` and tracks where ``MLFLOW_TRACKING_URI`` (or the project's store) says.
+``reproduce/<name>-v<version>`` and, with ``--run``, is tracked in the store the version was read from.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class Plan:
     version: int
     commands: list[list[str]]
     notes: list[str] = field(default_factory=list)
+    tracking_uri: str | None = None  # where the version came from: --run tracks the rebuild there
 
     def script(self) -> str:
         lines = [f"# rebuild {self.name} v{self.version}"] + [f"# {note}" for note in self.notes]
@@ -189,7 +190,7 @@ def plan(client, model_uri: str, root: Path) -> Plan:
                      f"paths.output_dir={out_dir}", f"tracking.run_name=reproduce-{name}-v{number}"])
     notes.append(f"then compare: fcnseg models {name} (the rebuild logs a new run; register it with dvc repro "
                  f"or promote by hand)")
-    return Plan(name, number, commands, notes)
+    return Plan(name, number, commands, notes, client.tracking_uri)
 
 
 def run_plan(plan_: Plan, root: Path) -> None:
@@ -209,6 +210,8 @@ def run_plan(plan_: Plan, root: Path) -> None:
         # the checked-out code runs, not whichever fcnseg this Python has installed
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"),
                                                                           os.environ.get("PYTHONPATH")]))}
+        if plan_.tracking_uri:
+            env["MLFLOW_TRACKING_URI"] = plan_.tracking_uri
         done = subprocess.run(argv, cwd=root, env=env)
         if done.returncode != 0:
             raise FcnsegError(f"step {index} failed with exit code {done.returncode}: {shlex.join(command)}")

@@ -192,3 +192,34 @@ def test_run_lineage_datasets_are_logged_inputs(tmp_path: Path, store) -> None:
     assert listing.returncode == 0, listing.stderr
     assert ("dataset training: voc2012/train from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"
             "VOCtrainval_11-May-2012.tar (MD5 6cd6e144f989b92b3379bac3b3de84fd)") in listing.stdout
+
+
+def test_pipeline_register_stage_records_the_evaluation_set_and_prints_deltas(tmp_path: Path, store, monkeypatch,
+                                                                              capsys) -> None:
+    from omegaconf import OmegaConf
+
+    from fcnseg import pipeline
+
+    root = write_voc_layout(tmp_path / "data" / "VOC2012", {"val": ["a", "b", "c"]})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  evaluate:\n    outs:\n"
+                                       "    - path: plots\n      md5: feedbeef.dir\n")
+    train_dir = tmp_path / pipeline.TRAIN_DIR
+    train_dir.mkdir(parents=True)
+    (train_dir / "train_result.json").write_text(json.dumps({"model_uri": store["model_uri"]}))
+    (train_dir / "mlflow_run.json").write_text(json.dumps({"run_id": store["run_id"], "tracking_uri": store["uri"]}))
+    cfg = OmegaConf.create({"tracking": {"enabled": True, "registered_model_name": "fcn-pipe"},
+                            "model": {"name": "fcn8s"}, "data": {"root": str(root), "datamodule": {"val_split": "val"}}})
+    per_class = [{"background": 0.9, "cat": 0.5}, {"background": 0.99, "cat": 0.42}]  # mean up, cat -0.08
+    for mean_iou, table in zip((0.7, 0.705), per_class):
+        (tmp_path / "metrics.json").write_text(json.dumps({"mean_iou": mean_iou, "per_class_iou": table}))
+        pipeline.register(cfg)
+    out = capsys.readouterr().out
+    assert "refused: val mIoU 0.7050 > 0.7000 (v1), but IoU drops by more than 0.0500 for cat -0.0800" in out
+    assert "per-class IoU change, v2 - v1:" in out
+    tags = store["client"].get_model_version("fcn-pipe", "2").tags
+    assert (tags["eval_split"], tags["eval_num_images"]) == ("val", "3")
+    assert tags["eval_ids_sha256"] == lineage.ids_digest(["a", "b", "c"])
+    assert tags["dvc_lock.evaluate"] == "plots:feedbeef.dir" and tags["git_commit"] == "a" * 40
+    assert json.loads(tags["per_class_iou"]) == per_class[1]
+    assert json.loads((tmp_path / pipeline.REGISTER_FILE).read_text())["promoted"] is False

@@ -155,10 +155,7 @@ def promote(args: argparse.Namespace) -> None:
     client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
     decision = registry.promote(args.name, args.version, force=args.force, client=client,
                                 per_class_margin=args.per_class_margin)
-    print(decision.summary())
-    if decision.per_class_delta:
-        print(f"per-class IoU change, v{decision.version} - v{decision.previous_champion}:")
-        print(decision.delta_table())
+    print(decision.report())
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:

@@ -140,7 +140,7 @@ def register(cfg: DictConfig) -> None:
         per_class_iou=metrics.get("per_class_iou"), lineage=lineage.dvc_lock_hashes(Path.cwd()),
     )
     decision = registry.promote(cfg.tracking.registered_model_name, version.version, client=client)
-    print(decision.summary())
+    print(decision.report())
     REGISTER_FILE.parent.mkdir(parents=True, exist_ok=True)
     REGISTER_FILE.write_text(json.dumps({"registered": True, "name": cfg.tracking.registered_model_name,
                                          "version": int(version.version), "promoted": decision.promoted,

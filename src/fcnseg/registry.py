@@ -71,6 +71,13 @@ class PromotionDecision:
     def summary(self) -> str:
         return self.reason
 
+    def report(self) -> str:
+        """The summary line, then the per-class IoU deltas (when the champion was compared class by class)."""
+        if not self.per_class_delta:
+            return self.reason
+        return (f"{self.reason}\nper-class IoU change, v{self.version} - v{self.previous_champion}:\n"
+                f"{self.delta_table()}")
+
     def delta_table(self) -> str:
         """Per-class IoU deltas, one class a line (empty when nothing was compared)."""
         if not self.per_class_delta:

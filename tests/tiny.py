@@ -17,6 +17,7 @@ def tiny_overrides(tmp: Path, *, epochs: int = 2, model: str = "fcn8s", tracking
         f"paths.output_dir={tmp / 'out'}",
         "data.synthetic.num_train=16",
         "data.synthetic.num_val=6",
+        "data.synthetic.num_test=4",
         "data.synthetic.height=48",
         "data.synthetic.width=48",
         "data.datamodule.train_transform.crop_size=48",

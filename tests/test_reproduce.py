@@ -96,6 +96,16 @@ def test_printed_commands_rebuild_the_exact_config(tmp_path: Path, clone: tuple[
     assert rebuilt["model"]["name"] == "fcn16s" and rebuilt["tracking"]["experiment_name"] == "team a, b"
 
 
+def test_voc_versions_get_their_data_first(tmp_path: Path, clone: tuple[Path, str]) -> None:
+    uri, _ = register_trained_config(tmp_path, clone, ["model=fcn16s"])  # data=voc, the default
+    result = reproduce_cli(clone[0], uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = [line for line in result.stdout.splitlines() if line and not line.startswith("#")]
+    assert commands[1].startswith("dvc pull data.dvc  # from the team's DVC remote")
+    assert commands[2] == "fcnseg fetch --data-dir data"
+    assert shlex.split(commands[3])[3:5] == ["model.name=fcn16s", "model.net.name=fcn16s"]
+
+
 def test_unknown_model_uri_is_one_line(tmp_path: Path, clone: tuple[Path, str]) -> None:
     uri, _ = register_trained_config(tmp_path, clone, ["experiment=quickstart"])
     done = subprocess.run([sys.executable, "-m", "fcnseg.cli", "reproduce", "models:/fcn-rep@nope",

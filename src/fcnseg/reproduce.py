@@ -1,7 +1,8 @@
 """``fcnseg reproduce models:/NAME@ALIAS``: the exact commands that rebuild a registered version.
 
 From the version's lineage: ``git checkout <commit>``, the data (synthetic: regenerated from its seed by training;
-VOC: ``dvc pull data.dvc`` + ``fcnseg fetch`` of the pinned tarball), then ``python -m fcnseg.train`` with the
+VOC: ``dvc pull data.dvc`` from the team's remote, then ``fcnseg fetch``, which verifies the pinned tarball and
+downloads it when the pull could not), then ``python -m fcnseg.train`` with the
 overrides that turn the config composed at that commit into the run's logged ``config.yaml``. Machine-specific
 settings (``paths.*``, the tracking URI and run name, ``ckpt_path``) are left out: the rebuild writes to
 ``reproduce/<name>-v<version>`` and, with ``--run``, is tracked in the store the version was read from.
@@ -32,10 +33,12 @@ class Plan:
     commands: list[list[str]]
     notes: list[str] = field(default_factory=list)
     tracking_uri: str | None = None  # where the version came from: --run tracks the rebuild there
+    optional: dict[int, str] = field(default_factory=dict)  # command index -> why its failure does not matter
 
     def script(self) -> str:
         lines = [f"# rebuild {self.name} v{self.version}"] + [f"# {note}" for note in self.notes]
-        return "\n".join(lines + [shlex.join(command) for command in self.commands])
+        return "\n".join(lines + [shlex.join(command) + (f"  # {self.optional[i]}" if i in self.optional else "")
+                                   for i, command in enumerate(self.commands)])
 
 
 def resolve_version(client, model_uri: str):
@@ -166,6 +169,7 @@ def plan(client, model_uri: str, root: Path) -> Plan:
                               f"training config is unknown") from exc
         logged = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
     commands: list[list[str]] = []
+    optional: dict[int, str] = {}
     if commit:
         commands.append(["git", "checkout", commit])
         if (tags.get("git_dirty") or run.data.tags.get("git_dirty")) == "true":
@@ -175,10 +179,9 @@ def plan(client, model_uri: str, root: Path) -> Plan:
     data = logged.get("data") or {}
     if data.get("source") != "synthetic":
         data_dir = str((logged.get("paths") or {}).get("data_dir", "data"))
+        optional[len(commands)] = "from the team's DVC remote; without one, fcnseg fetch downloads it"
         commands.append(["dvc", "pull", "data.dvc"])
-        fetch = ["fcnseg", "fetch", "--data-dir", "data", "--tarball",
-                 "data/downloads/VOCtrainval_11-May-2012.tar"] + (["--sbd"] if data.get("sbd") else [])
-        commands.append(fetch)
+        commands.append(["fcnseg", "fetch", "--data-dir", "data"] + (["--sbd"] if data.get("sbd") else []))
         if data_dir != "data":
             notes.append(f"the run read its data from {data_dir}; the rebuild uses ./data")
     else:
@@ -190,7 +193,7 @@ def plan(client, model_uri: str, root: Path) -> Plan:
                      f"paths.output_dir={out_dir}", f"tracking.run_name=reproduce-{name}-v{number}"])
     notes.append(f"then compare: fcnseg models {name} (the rebuild logs a new run; register it with dvc repro "
                  f"or promote by hand)")
-    return Plan(name, number, commands, notes, client.tracking_uri)
+    return Plan(name, number, commands, notes, client.tracking_uri, optional)
 
 
 def run_plan(plan_: Plan, root: Path) -> None:
@@ -213,5 +216,8 @@ def run_plan(plan_: Plan, root: Path) -> None:
         if plan_.tracking_uri:
             env["MLFLOW_TRACKING_URI"] = plan_.tracking_uri
         done = subprocess.run(argv, cwd=root, env=env)
-        if done.returncode != 0:
+        if done.returncode != 0 and index - 1 in plan_.optional:
+            print(f"[{index}/{len(plan_.commands)}] failed (exit code {done.returncode}); going on: "
+                  f"{plan_.optional[index - 1]}", flush=True)
+        elif done.returncode != 0:
             raise FcnsegError(f"step {index} failed with exit code {done.returncode}: {shlex.join(command)}")

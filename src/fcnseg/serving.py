@@ -92,13 +92,18 @@ BUNDLED_MODULES = (
     "data/__init__.py", "data/classes.py", "data/transforms.py",
     "models/__init__.py", "models/fcn.py", "models/weights.py",
 )
-# Distributions those modules import (albumentations + OpenCV normalise the input as evaluation does).
-REQUIREMENTS = ("torch", "numpy", "pandas", "pillow", "albumentations", "opencv-python-headless")
+# Top-level modules those modules import (albumentations + OpenCV normalise the input as evaluation does).
+REQUIRED_MODULES = ("torch", "numpy", "pandas", "PIL", "albumentations", "cv2")
 
 
 def pinned_requirements() -> list[str]:
-    """``name==version`` of each requirement as installed here (local tags such as ``+cpu`` dropped: PyPI has none)."""
-    return [f"{name}=={installed_version(name).split('+')[0]}" for name in REQUIREMENTS]
+    """``name==version`` of the distribution installed here for each required module (cv2 may come from
+    opencv-python or opencv-python-headless); local tags such as ``+cpu`` dropped: PyPI has none."""
+    from importlib.metadata import packages_distributions
+
+    providers = packages_distributions()
+    names = [(providers.get(module) or [module])[0] for module in REQUIRED_MODULES]
+    return [f"{name}=={installed_version(name).split('+')[0]}" for name in names]
 
 
 def bundle_code(destination: Path) -> Path:

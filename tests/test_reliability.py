@@ -213,7 +213,7 @@ def test_tracking_server_gone_mid_run_training_finishes_locally_and_syncs_later(
         steps = {m.step for m in client.get_metric_history(run_id, "val/mean_iou")}
         assert len(steps) == 3  # all three epochs, although the server saw only the first live
         artifacts = {a.path for a in client.list_artifacts(run_id)}
-        assert {"checkpoints", "evaluation"} <= artifacts
+        assert "evaluation" in artifacts and "checkpoints" not in artifacts  # weights travel in the logged model
     finally:
         stop(server)
 
@@ -225,7 +225,8 @@ def test_corrupt_label_behind_dataloader_workers_is_one_clear_line(tmp_path):
     overrides = tiny_overrides(tmp_path, epochs=1, tracking=False) + ["data.datamodule.num_workers=2"]
     data_root = tmp_path / "data" / "synthetic" / "VOC2012"
     prepare({"source": "synthetic", "root": str(data_root),
-             "synthetic": {"seed": 0, "num_train": 16, "num_val": 6, "height": 48, "width": 48}}, tmp_path / "data")
+             "synthetic": {"seed": 0, "num_train": 16, "num_val": 6, "num_test": 4, "height": 48, "width": 48}},
+            tmp_path / "data")  # the parameters tiny_overrides gives, so training finds this dataset complete
     victim = sorted((data_root / "SegmentationClass").glob("*.png"))[0]
     victim.write_bytes(victim.read_bytes()[:60])  # truncated PNG
     result = subprocess.run(train_command(overrides), cwd=ROOT, env=subprocess_env(), capture_output=True,

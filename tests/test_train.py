@@ -44,7 +44,11 @@ def test_training_run_checkpoints_and_records_everything_in_mlflow(tmp_path):
     assert len(client.get_metric_history(run.info.run_id, "val/mean_iou")) == 2
     assert any(key.startswith("val/iou/") for key in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "checkpoints", "evaluation"} <= artifacts
+    assert {"config.yaml", "evaluation"} <= artifacts
+    assert "checkpoints" not in artifacts  # the logged model carries the weights: they are not logged twice
+    assert run.data.tags["git_commit"] and run.data.tags["git_dirty"] in ("true", "false")
+    contexts = {next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in run.inputs.dataset_inputs}
+    assert contexts == {"training", "validation"}  # lineage: the dataset, via mlflow.log_input
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/per_class_iou.png", "evaluation/predictions.png",
             "evaluation/per_class_iou.json"} <= evaluation

@@ -100,9 +100,23 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _limit_http_retries() -> None:
     """MLflow retries an unreachable server for minutes per call by default; training must not stall on it."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    # Also bounds how long rank 0 can stall the others of a DDP job (their collective timeout is 45 s).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def is_unreachable_error(exc: BaseException) -> bool:
+    """True for an outage (no answer, connection or timeout errors, a server error, a locked database); False when
+    MLflow answered and refused the call (e.g. "Changing param values is not allowed": a config conflict)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        if exc.get_http_status_code() >= 500 and "API request" in str(exc):
+            return True  # the REST client's "API request to ... failed" after its retries
+        return exc.error_code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR") and "Changing param" not in str(exc)
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or type(exc).__name__ in (
+        "ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "MaxRetryError", "OperationalError")
 
 
 @functools.cache  # one class, however often it is asked for
@@ -127,7 +141,11 @@ def _make_resilient_logger_class():
                 return
             try:
                 call(*args)
-            except Exception as exc:  # any transport or server error: training matters more than logging
+            except Exception as exc:
+                if not is_unreachable_error(exc):  # MLflow answered and refused: a real error, not an outage
+                    raise TrackingError(f"MLflow refused a call to {self._tracking_uri}: "
+                                        f"{' '.join(str(exc).split())[:300]}") from exc
+                # the store is gone (server down, network, locked file): training matters more than logging
                 self.offline_since = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 rank_zero_warn(
                     f"MLflow tracking at {self._tracking_uri} failed ({self.offline_since[:200]}); training goes on, "
@@ -157,21 +175,25 @@ def __getattr__(name: str):  # ResilientMLFlowLogger is built lazily: importing 
     raise AttributeError(name)
 
 
-def create_logger(cfg: DictConfig, output_dir: Path):
-    """An MLFlowLogger for this run, or None when tracking is off.
+def create_logger(cfg: DictConfig, output_dir: Path, continue_recorded_run: bool = True):
+    """An MLFlowLogger for this run, or None when tracking is off. It starts no MLflow run by itself: global rank 0
+    opens it (:func:`open_run`) once the Trainer knows the ranks, so a distributed job makes exactly one run.
 
-    Continues the run recorded in ``output_dir`` (a resumed training run), or the one ``mlflow run`` started
-    (``MLFLOW_RUN_ID``); otherwise starts a new run in ``tracking.experiment_name``.
+    Continues the run recorded in ``output_dir`` when ``continue_recorded_run`` (a resumed training run), or the one
+    ``mlflow run`` started (``MLFLOW_RUN_ID``); otherwise a new run in ``tracking.experiment_name``.
     """
-    if not cfg.tracking.enabled:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    # Other ranks log nothing to MLflow; they make no client either (torchrun starts all ranks at once, and two
+    # processes creating a new SQLite store's tables at once collide). The rank here comes from the launcher's env.
+    if not cfg.tracking.enabled or rank_zero_only.rank != 0:
         return None
     ResilientMLFlowLogger = _make_resilient_logger_class()
     _limit_http_retries()
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    check_reachable(uri)
     run_file = output_dir / RUN_FILE
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id is None and run_file.is_file():
+    if run_id is None and continue_recorded_run and run_file.is_file():
         recorded = json.loads(run_file.read_text())
         if recorded.get("tracking_uri") == uri:
             run_id = recorded["run_id"]
@@ -183,7 +205,7 @@ def create_logger(cfg: DictConfig, output_dir: Path):
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    logger = ResilientMLFlowLogger(
+    return ResilientMLFlowLogger(
         output_dir=output_dir,
         experiment_name=cfg.tracking.experiment_name,
         run_name=cfg.tracking.run_name or cfg.model.name,
@@ -191,14 +213,29 @@ def create_logger(cfg: DictConfig, output_dir: Path):
         tags=tags,
         run_id=run_id,
     )
+
+
+def open_run(logger, cfg: DictConfig, output_dir: Path, resumed: bool = False,
+             changed_keys: list[str] | None = None) -> None:
+    """Global rank 0 only: creates (or continues) the MLflow run now, so a broken store fails before training,
+    records it in ``output_dir`` and logs the config. A resumed run's params were logged when it started (MLflow
+    refuses to change them): it logs only what ``resume=force`` changed, as a tag."""
+    check_reachable(logger._tracking_uri)
     try:
-        logger.experiment  # creates the experiment/run now, so a broken store fails before training starts
+        logger.experiment
     except Exception as exc:
-        raise TrackingError(f"cannot use MLflow tracking store {uri}: {str(exc).splitlines()[0]}") from exc
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"run_id": logger.run_id, "tracking_uri": uri,
-                                    "experiment_id": logger.experiment_id}))
-    return logger
+        raise TrackingError(f"cannot use MLflow tracking store {logger._tracking_uri}: "
+                            f"{str(exc).splitlines()[0]}") from exc
+    (output_dir / RUN_FILE).write_text(json.dumps({"run_id": logger.run_id, "tracking_uri": logger._tracking_uri,
+                                                   "experiment_id": logger.experiment_id}))
+    if not resumed or not _has_params(logger):
+        log_config(logger, cfg)
+    if changed_keys:
+        logger.experiment.set_tag(logger.run_id, "resumed_with_config_changes", ", ".join(changed_keys)[:5000])
+
+
+def _has_params(logger) -> bool:
+    return bool(logger.experiment.get_run(logger.run_id).data.params)
 
 
 def config_params(cfg: DictConfig) -> dict[str, str]:
@@ -244,20 +281,32 @@ def log_training_outputs(cfg: DictConfig, run_id: str, best_checkpoint: Path) ->
     """
     import mlflow
 
+    from fcnseg import lineage
     from fcnseg.evaluate import evaluate_checkpoint
     from fcnseg.serving import log_pyfunc_model
 
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    client.log_artifact(run_id, str(best_checkpoint), "checkpoints")
+    root = project_root()
+    for key, value in lineage.git_state(root).items():  # lineage: the tree it was trained from, and its data
+        client.set_tag(run_id, key, value)
     split = cfg.data.datamodule.val_split
-    report = evaluate_checkpoint(best_checkpoint, cfg.data.root, split, num_overlays=cfg.tracking.num_overlays)
-    log_evaluation(client, run_id, report.results, report.class_names, report.grid)
-    if not cfg.tracking.log_model:
+    lineage.log_datasets(run_id, cfg.data, root, {"training": cfg.data.datamodule.train_split, "validation": split})
+    if cfg.tracking.get("evaluate_after_training", True):
+        report = evaluate_checkpoint(best_checkpoint, cfg.data.root, split, num_overlays=cfg.tracking.num_overlays)
+        log_evaluation(client, run_id, report.results, report.class_names, report.grid)
+        examples = report.example_images[:2]
+    else:  # the DVC pipeline's evaluate stage evaluates the checkpoint and logs its reports here, once
+        from fcnseg.data import VOCSegmentation
+
+        dataset = VOCSegmentation(cfg.data.root, split)
+        examples = [dataset[index][0] for index in range(min(2, len(dataset)))]
+    if not cfg.tracking.log_model:  # no MLflow model to carry the weights: the checkpoint is the run's copy
+        client.log_artifact(run_id, str(best_checkpoint), "checkpoints")
         return ""
-    with mlflow.start_run(run_id=run_id):
-        return log_pyfunc_model(best_checkpoint, report.example_images[:2])
+    with mlflow.start_run(run_id=run_id):  # the model carries the weights (only): the checkpoint is not logged too
+        return log_pyfunc_model(best_checkpoint, examples)
 
 
 def log_imported_model(checkpoint: Path, registered_name: str, source: str, variant: str,
@@ -267,6 +316,7 @@ def log_imported_model(checkpoint: Path, registered_name: str, source: str, vari
     import mlflow
 
     from fcnseg import registry
+    from fcnseg.lineage import git_state
     from fcnseg.serving import log_pyfunc_model
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -275,9 +325,9 @@ def log_imported_model(checkpoint: Path, registered_name: str, source: str, vari
     mlflow.set_experiment("fcnseg-imported")
     example = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (48, 1, 3))  # any RGB image will do
     with mlflow.start_run(run_name=f"import-{variant}") as run:
-        mlflow.set_tags({"model": variant, "source_weights": str(source), "imported": "true"})
-        mlflow.log_artifact(str(checkpoint), "checkpoints")
-        model_uri = log_pyfunc_model(checkpoint, [example])
+        mlflow.set_tags({"model": variant, "source_weights": str(source), "imported": "true",
+                         **git_state(project_root())})
+        model_uri = log_pyfunc_model(checkpoint, [example])  # the model carries the weights, logged once
     client = registry.client_for(uri)
     version = registry.register_model(model_uri, registered_name, val_mean_iou=val_mean_iou, data_version=None,
                                       client=client, tags={"model": variant, "source_weights": str(source),

@@ -160,6 +160,7 @@ def test_version_lineage_model_card_and_models_listing(tmp_path: Path, store) ->
     assert f"split: `val` (2 images, ids sha256 `{tags['eval_ids_sha256']}`)" in description
     card = mlflow.artifacts.load_text(f"runs:/{store['run_id']}/model_card/fcn-gate-v{version}.md")
     assert card == description
+    assert store["client"].get_run(store["run_id"]).data.tags["mlflow.note.content"] == card  # run description
 
     listing = cli(store, "models", "fcn-gate")
     assert listing.returncode == 0, listing.stderr

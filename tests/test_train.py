@@ -49,6 +49,7 @@ def test_training_run_checkpoints_and_records_everything_in_mlflow(tmp_path):
     assert run.data.tags["git_commit"] and run.data.tags["git_dirty"] in ("true", "false")
     contexts = {next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in run.inputs.dataset_inputs}
     assert contexts == {"training", "validation"}  # lineage: the dataset, via mlflow.log_input
+    assert run.data.tags["mlflow.note.content"].startswith("fcn8s trained on synthetic `train`")  # description
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/per_class_iou.png", "evaluation/predictions.png",
             "evaluation/per_class_iou.json"} <= evaluation

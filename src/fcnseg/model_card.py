@@ -1,6 +1,6 @@
 """A model card per registered version: data and split, metrics and per-class IoU, recipe, lineage, intended use
-and limits. Written as the version's description (what the registry UI shows) and as a markdown artifact of the
-run that logged the model (``model_card/<name>-v<version>.md``)."""
+and limits. Written as the version's description (what the registry UI shows), as the description of the run
+that logged the model, and as a markdown artifact of that run (``model_card/<name>-v<version>.md``)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ def publish_model_card(client, version: ModelVersion) -> str:
     card = render(version.name, version, run)
     if run is not None:
         client.log_text(version.run_id, card, f"model_card/{version.name}-v{version.version}.md")
+        client.set_tag(version.run_id, "mlflow.note.content", card[:DESCRIPTION_LIMIT])  # the run's description
     description = card if len(card) <= DESCRIPTION_LIMIT else (
         card[: DESCRIPTION_LIMIT - 120].rsplit("\n", 1)[0]
         + f"\n\n(cut; full card: run artifact model_card/{version.name}-v{version.version}.md)\n")

@@ -293,6 +293,9 @@ def log_training_outputs(cfg: DictConfig, run_id: str, best_checkpoint: Path) ->
         client.set_tag(run_id, key, value)
     split = cfg.data.datamodule.val_split
     lineage.log_datasets(run_id, cfg.data, root, {"training": cfg.data.datamodule.train_split, "validation": split})
+    client.set_tag(run_id, "mlflow.note.content",  # the run's description in the UI (registration adds the card)
+                   f"{cfg.model.name} trained on {cfg.data.name} `{cfg.data.datamodule.train_split}`, validated on "
+                   f"`{split}`; curves under Model metrics, evaluation plots under Artifacts/evaluation.")
     if cfg.tracking.get("evaluate_after_training", True):
         report = evaluate_checkpoint(best_checkpoint, cfg.data.root, split, num_overlays=cfg.tracking.num_overlays)
         log_evaluation(client, run_id, report.results, report.class_names, report.grid)

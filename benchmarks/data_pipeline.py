@@ -35,7 +35,7 @@ def write_voc_like(root: Path, count: int, seed: int = 0) -> Path:
     """``count`` JPEGs at VOC sizes (500 wide, 333-500 high) with palette PNG labels, in
     ``root/VOCdevkit/VOC2012``. Images are smooth (low-frequency colour + objects), so JPEG decode costs what it
     costs on photographs, not on noise."""
-    from fcnseg.viz import save_label_png
+    from fcnseg.data.voc import save_label_png
 
     voc = root / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -234,7 +234,7 @@ def breakdown(voc: Path, crop: int, count: int) -> dict[str, float]:
 
     from fcnseg.data.transforms import build_train_transform
     from fcnseg.data.voc import VOCSegmentation as FcnsegVOC
-    from fcnseg.data.voc import read_image, read_label
+    from fcnseg.data.voc import read_dataset_image, read_label
 
     cv2.setNumThreads(1)  # as in DataLoader workers
     threads = torch.get_num_threads()
@@ -251,7 +251,7 @@ def breakdown(voc: Path, crop: int, count: int) -> dict[str, float]:
 
     transform = build_train_transform(crop, color_jitter=0.2, seed=0)
     for sample in samples:
-        image = timed("fcnseg: read_image (PIL decode + RGB copy)", read_image, sample.image)
+        image = timed("fcnseg: read_image (PIL decode + RGB copy)", read_dataset_image, sample.image)
         mask = timed("fcnseg: read_label (PNG)", read_label, sample.label)
         timed("fcnseg: _check_label (bincount)", dataset._check_label, sample, image, mask)
         data = {"image": image, "mask": mask}
@@ -262,7 +262,7 @@ def breakdown(voc: Path, crop: int, count: int) -> dict[str, float]:
         timed("alt: torchvision.io.decode_jpeg", _decode_tv, sample.image)
 
     for sample in samples:
-        image, mask = read_image(sample.image), read_label(sample.label)
+        image, mask = read_dataset_image(sample.image), read_label(sample.label)
         timed("fcnseg: whole train transform", transform, image=image, mask=mask)
 
     reference = reference_train_transform(crop)

@@ -42,14 +42,14 @@ def write_photos(directory: Path, count: int, seed: int = 0) -> None:
 
 
 def write_checkpoint(path: Path, width: float) -> Path:
-    from fcnseg.checkpointing import save_model_checkpoint
+    from fcnseg.models.checkpoint import save_net_checkpoint
     from fcnseg.data.classes import VOC_CLASSES
     from fcnseg.models import build_fcn
 
     config = {"name": "fcn8s", "num_classes": 21, "width": width, "backbone_weights": None,
               "learnable_upsampling": False}
     torch.manual_seed(0)
-    return save_model_checkpoint(build_fcn(**config), config, path, "imagenet", list(VOC_CLASSES))
+    return save_net_checkpoint(build_fcn(**config), config, path, "imagenet", list(VOC_CLASSES))
 
 
 def run_predict(images: Path, checkpoint: Path, out: Path, batch_size: int, device: str | None) -> float:

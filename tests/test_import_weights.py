@@ -91,7 +91,7 @@ def test_bad_source_is_one_error_line_exit_2(tmp_path: Path, case: str, capsys: 
 
 
 def test_register_imported_model_without_a_measured_iou(tmp_path: Path) -> None:
-    from fcnseg.tracking import log_imported_model
+    from fcnseg.publish import log_imported_model
 
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.ckpt", normalization="caffe")
     version = log_imported_model(checkpoint, "fcn-imported", "src.pth", "fcn8s",

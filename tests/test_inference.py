@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from fcnseg import inference
-from fcnseg.checkpointing import save_model_checkpoint
+from fcnseg.models.checkpoint import save_net_checkpoint
 from fcnseg.data.classes import VOC_CLASSES
 from fcnseg.errors import DataError
 from fcnseg.inference import Segmenter, load_segmenter, read_image, read_image_bytes
@@ -43,7 +43,7 @@ def tiny_net(seed: int = 0) -> torch.nn.Module:
 
 def write_tiny_checkpoint(path: Path, seed: int = 0, normalization: str = "imagenet") -> Path:
     """A checkpoint in the layout training writes, of a width-1/16 FCN-8s with random score layers."""
-    return save_model_checkpoint(tiny_net(seed), TINY_NET, path, normalization, list(VOC_CLASSES))
+    return save_net_checkpoint(tiny_net(seed), TINY_NET, path, normalization, list(VOC_CLASSES))
 
 
 def noise_image(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -14,6 +14,7 @@ import pytest
 
 from fcnseg import registry
 from fcnseg.errors import TrackingError
+from fcnseg.runs import using_store
 
 _names = itertools.count()
 
@@ -37,7 +38,7 @@ def store(tmp_path_factory):
         info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=[])
     yield {"uri": uri, "db": db, "model_uri": info.model_uri, "run_id": run.info.run_id,
            "client": registry.client_for(uri)}
-    mlflow.set_tracking_uri(previous[0])  # client_for made this store MLflow's default: leave no trace
+    mlflow.set_tracking_uri(previous[0])  # leave no trace of this store as MLflow's default
     mlflow.set_registry_uri(previous[1])
 
 
@@ -79,7 +80,8 @@ def test_register_tags_and_challenger_alias_for_both_uri_kinds(store, name):
     assert (t["val_mean_iou"], t["data_version"], t["model"]) == ("0.6", "abc", "fcn8s")
     assert int(store["client"].get_model_version_by_alias(name, "challenger").version) == v2
     assert [row["version"] for row in registry.list_versions(name, client=store["client"])] == [v1, v2]
-    loaded = mlflow.pyfunc.load_model(f"models:/{name}/{v2}")
+    with using_store(store["uri"]):  # models:/ URIs resolve in MLflow's default store
+        loaded = mlflow.pyfunc.load_model(f"models:/{name}/{v2}")
     assert loaded.predict({"a": [1]})["a"][0] == 1
 
 
@@ -90,7 +92,8 @@ def test_first_version_becomes_champion_and_alias_uri_resolves(store, name):
     assert champion(store, name) == v1
     assert "no champion yet" in decision.summary()
     assert tags(store, name, v1)["promotion_decision"] == "promoted"
-    assert mlflow.pyfunc.load_model(f"models:/{name}@champion").metadata.model_uuid  # the URI resolves
+    with using_store(store["uri"]):
+        assert mlflow.pyfunc.load_model(f"models:/{name}@champion").metadata.model_uuid  # the URI resolves
 
 
 def test_better_challenger_is_promoted(store, name):

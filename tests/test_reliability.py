@@ -78,7 +78,7 @@ def test_training_killed_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(tm
 
 WRITER = """
 import sys, torch
-from fcnseg.checkpointing import atomic_torch_save
+from fcnseg.models.checkpoint import atomic_torch_save
 path = sys.argv[1]
 i = 0
 while True:

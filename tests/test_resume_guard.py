@@ -61,13 +61,14 @@ def test_rerun_with_another_lr_refuses_and_ckpt_path_null_starts_a_new_mlflow_ru
 
 
 def test_a_param_conflict_is_reported_as_such_not_as_an_unreachable_server(tmp_path):
-    from fcnseg.tracking import _make_resilient_logger_class, is_unreachable_error
+    from fcnseg.runs import is_unreachable_error
+    from fcnseg.tracking import ResilientMLFlowLogger
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("conflict")).info.run_id
     client.log_param(run_id, "optim.lr", "0.001")
-    logger = _make_resilient_logger_class()(output_dir=tmp_path, tracking_uri=uri, run_id=run_id)
+    logger = ResilientMLFlowLogger(output_dir=tmp_path, tracking_uri=uri, run_id=run_id)
     with pytest.raises(TrackingError) as info:
         logger.log_hyperparams({"optim.lr": "0.0002"})
     assert "Changing param values is not allowed" in str(info.value) and logger.offline_since is None

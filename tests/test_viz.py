@@ -8,6 +8,7 @@ from PIL import Image
 
 from fcnseg import viz
 from fcnseg.data.classes import VOC_CLASSES
+from fcnseg.data.voc import save_label_png
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def test_colorize_refuses_values_that_are_not_labels():
 
 def test_label_png_round_trip(label_map, tmp_path):
     path = tmp_path / "nested" / "mask.png"
-    viz.save_label_png(label_map.astype(np.int64), path)
+    save_label_png(label_map.astype(np.int64), path)
     with Image.open(path) as image:
         assert image.mode == "P"
         np.testing.assert_array_equal(np.asarray(image), label_map)  # indices back, 255 included
@@ -51,7 +52,7 @@ def test_label_png_round_trip(label_map, tmp_path):
 
 def test_label_png_to_buffer(label_map):
     buffer = io.BytesIO()
-    viz.save_label_png(label_map, buffer)
+    save_label_png(label_map, buffer)
     buffer.seek(0)
     np.testing.assert_array_equal(np.asarray(Image.open(buffer)), label_map)
 

@@ -1,9 +1,8 @@
-"""Atomic checkpoint writes: a kill during a save leaves the previous checkpoint intact and usable."""
+"""Lightning's side of checkpoints: atomic writes (a kill during a save leaves the previous checkpoint intact and
+usable) and the RNG states a resumed run needs. The format itself is :mod:`fcnseg.models.checkpoint`'s."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,49 +10,14 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from fcnseg.models.checkpoint import atomic_torch_save
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it, fsyncs it, then renames it over the old one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file, fsync, rename: never a half-written file at ``path``."""
-    path = Path(path)
-    AtomicCheckpointIO().save_checkpoint(obj, path)
-    return path
-
-
-def save_model_checkpoint(net: torch.nn.Module, net_config: dict[str, Any], path: str | Path,
-                          normalization: str, class_names: list[str]) -> Path:
-    """A checkpoint in the layout training writes (``hyper_parameters`` + ``state_dict`` of ``net.*``), so
-    ``fcnseg predict``/``evaluate``, MLflow logging and ``init_from`` treat it like a trained one."""
-    import lightning
-
-    hyper_parameters = {
-        "net": {"_target_": "fcnseg.models.build_fcn", **net_config},
-        "optim": {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e-4, "momentum": 0.9}},
-        "num_classes": len(class_names),
-        "normalization": normalization,
-        "class_names": list(class_names),
-    }
-    checkpoint = {
-        "state_dict": {f"net.{key}": value for key, value in net.state_dict().items()},
-        "hyper_parameters": hyper_parameters,
-        "pytorch-lightning_version": lightning.__version__,
-        "epoch": 0,
-        "global_step": 0,
-    }
-    return atomic_torch_save(checkpoint, path)
+        atomic_torch_save(checkpoint, path)
 
 
 class RngStateCheckpoint(Callback):

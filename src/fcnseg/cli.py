@@ -1,6 +1,9 @@
 """The ``fcnseg`` command: fetch data, evaluate, predict, manage the model registry, import published weights.
 
 Training is Hydra's: ``python -m fcnseg.train …`` (or ``fcnseg-train``); the pipeline is DVC's: ``dvc repro``.
+
+Each command imports what it runs inside its own function: ``fcnseg fetch`` or ``--help`` must not pay the seconds
+that importing torch, MLflow or Lightning takes.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from fcnseg.cli_errors import exit_on_user_error
 
@@ -57,17 +61,17 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="evaluation", help="where metrics.json and plots go (default: evaluation)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--num-overlays", type=int, default=8)
+    p.add_argument("--tracking-uri", help="where models:/ URIs are looked up (default: $MLFLOW_TRACKING_URI or "
+                   "sqlite:///<project>/mlflow.db)")
 
 
 @command("evaluate", "the paper's four metrics and per-class IoU of a model on a VOC-layout split")
 @_configure(_evaluate_args)
 def evaluate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from fcnseg.evaluate import evaluate_segmenter, print_report, write_reports
     from fcnseg.inference import load_segmenter
 
-    segmenter = load_segmenter(args.model, device=args.device, variant=args.variant)
+    segmenter = load_segmenter(args.model, device=args.device, variant=args.variant, tracking_uri=args.tracking_uri)
     report = evaluate_segmenter(segmenter, args.data, args.split, num_overlays=args.num_overlays, progress=True)
     out = Path(args.out)
     write_reports(report, out / "metrics.json", out)
@@ -83,6 +87,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images of the same size per forward pass")
     p.add_argument("--tile-size", type=int, help="segment images larger than this by overlapping windows")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--tracking-uri", help="where models:/ URIs are looked up (default: $MLFLOW_TRACKING_URI or "
+                   "sqlite:///<project>/mlflow.db)")
 
 
 @command("predict", "segment images: a VOC palette-PNG label map and an overlay PNG per image")
@@ -91,7 +97,7 @@ def predict(args: argparse.Namespace) -> None:
     from fcnseg.inference import load_segmenter
     from fcnseg.predict import predict_files
 
-    segmenter = load_segmenter(args.model, device=args.device, variant=args.variant)
+    segmenter = load_segmenter(args.model, device=args.device, variant=args.variant, tracking_uri=args.tracking_uri)
     summary = predict_files(args.inputs, segmenter, args.out, batch_size=args.batch_size, tile_size=args.tile_size)
     print(f"segmented {len(summary.written)} image(s) into {args.out}"
           + (f"; skipped {len(summary.skipped)} unreadable file(s)" if summary.skipped else ""))
@@ -114,7 +120,7 @@ def _import_weights_args(p: argparse.ArgumentParser) -> None:
 @command("import-weights", "turn a pytorch-fcn checkpoint into an fcnseg checkpoint (and MLflow model)")
 @_configure(_import_weights_args)
 def import_weights(args: argparse.Namespace) -> None:
-    from fcnseg.checkpointing import save_model_checkpoint
+    from fcnseg.models.checkpoint import save_net_checkpoint
     from fcnseg.data.classes import VOC_CLASSES
     from fcnseg.models import build_fcn, load_reference_weights
 
@@ -124,11 +130,11 @@ def import_weights(args: argparse.Namespace) -> None:
     load_reference_weights(net, args.source)
     class_names = list(VOC_CLASSES[: args.num_classes]) if args.num_classes <= len(VOC_CLASSES) else \
         [f"class_{i}" for i in range(args.num_classes)]
-    out = save_model_checkpoint(net, net_config, args.out or f"{args.variant}_imported.ckpt",
+    out = save_net_checkpoint(net, net_config, args.out or f"{args.variant}_imported.ckpt",
                                 args.normalization, class_names)
     print(f"wrote {out}")
     if args.register:
-        from fcnseg.tracking import log_imported_model
+        from fcnseg.publish import log_imported_model
 
         version = log_imported_model(out, args.register, args.source, args.variant,
                                      val_mean_iou=args.val_mean_iou, tracking_uri=args.tracking_uri)
@@ -150,7 +156,7 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 @_configure(_promote_args)
 def promote(args: argparse.Namespace) -> None:
     from fcnseg import registry
-    from fcnseg.tracking import resolve_tracking_uri
+    from fcnseg.runs import resolve_tracking_uri
 
     client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
     decision = registry.promote(args.name, args.version, force=args.force, client=client,
@@ -167,7 +173,7 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 @_configure(_models_args)
 def models(args: argparse.Namespace) -> None:
     from fcnseg import registry
-    from fcnseg.tracking import resolve_tracking_uri
+    from fcnseg.runs import resolve_tracking_uri
 
     client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
     rows = registry.list_versions(args.name, client=client)
@@ -198,7 +204,7 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
 def reproduce(args: argparse.Namespace) -> None:
     from fcnseg import registry
     from fcnseg.reproduce import plan, run_plan
-    from fcnseg.tracking import project_root, resolve_tracking_uri
+    from fcnseg.runs import project_root, resolve_tracking_uri
 
     client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
     steps = plan(client, args.model, project_root())
@@ -215,7 +221,7 @@ def _sync_run_args(p: argparse.ArgumentParser) -> None:
 @command("sync-run", "log a training run made while MLflow was unreachable (metrics, checkpoint, model)")
 @_configure(_sync_run_args)
 def sync_run(args: argparse.Namespace) -> None:
-    from fcnseg.tracking import sync_run as sync
+    from fcnseg.publish import sync_run as sync
 
     print(f"logged {args.output_dir} as MLflow run {sync(args.output_dir, args.tracking_uri)}")
 

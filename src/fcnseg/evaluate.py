@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fcnseg.metrics import SegmentationMetrics
-
-METRIC_KEYS = ("pixel_acc", "mean_acc", "mean_iou", "fw_iou")
+from fcnseg import viz
+from fcnseg.data.voc import VOCSegmentation
+from fcnseg.inference import Segmenter
+from fcnseg.metrics import SCALAR_KEYS, SegmentationMetrics
 
 
 @dataclass
@@ -29,7 +30,7 @@ class EvaluationReport:
 
     def summary(self) -> dict[str, Any]:
         """The JSON written for ``dvc metrics``: the four metrics and per-class IoU (null where undefined)."""
-        out: dict[str, Any] = {key: float(self.results[key]) for key in METRIC_KEYS}
+        out: dict[str, Any] = {key: float(self.results[key]) for key in SCALAR_KEYS}
         out["per_class_iou"] = {name: (None if iou != iou else round(iou, 6))
                                 for name, iou in zip(self.class_names, self.results["per_class_iou"].tolist())}
         return out
@@ -37,9 +38,6 @@ class EvaluationReport:
 
 def evaluate_segmenter(segmenter, data_root: str | Path, split: str, num_overlays: int = 0,
                        progress: bool = False) -> EvaluationReport:
-    from fcnseg.data import VOCSegmentation
-    from fcnseg.viz import prediction_grid
-
     dataset = VOCSegmentation(data_root, split)
     num_classes = len(segmenter.class_names)
     # One process scores the whole split: no sync, even when a DDP group exists (rank 0 alone after training)
@@ -52,14 +50,12 @@ def evaluate_segmenter(segmenter, data_root: str | Path, split: str, num_overlay
         if index < num_overlays:
             for bucket, item in zip(shown, (image, mask, pred)):
                 bucket.append(item)
-    grid = prediction_grid(*shown) if shown[0] else None
+    grid = viz.prediction_grid(*shown) if shown[0] else None
     return EvaluationReport(metric.compute(), segmenter.class_names, grid, shown[0])
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: str, num_overlays: int = 0,
                         device: str | None = None, progress: bool = False) -> EvaluationReport:
-    from fcnseg.inference import Segmenter
-
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device)
     return evaluate_segmenter(segmenter, data_root, split, num_overlays, progress)
 
@@ -67,8 +63,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
 def write_reports(report: EvaluationReport, metrics_file: str | Path, plots_dir: str | Path,
                   history: list[dict[str, float]] | None = None) -> None:
     """``metrics.json`` for ``dvc metrics``; per-class IoU, confusion matrix and curves for ``dvc plots``."""
-    from fcnseg import viz
-
     metrics_file, plots_dir = Path(metrics_file), Path(plots_dir)
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +87,7 @@ def write_reports(report: EvaluationReport, metrics_file: str | Path, plots_dir:
 
 def print_report(report: EvaluationReport) -> None:
     summary = report.summary()
-    print("  ".join(f"{key} {summary[key]:.4f}" for key in METRIC_KEYS))
+    print("  ".join(f"{key} {summary[key]:.4f}" for key in SCALAR_KEYS))
     width = max(len(name) for name in report.class_names)
     for name, iou in summary["per_class_iou"].items():
         print(f"  {name:<{width}}  {'   n/a' if iou is None else f'{iou:.4f}'}")

@@ -13,7 +13,11 @@ import torch
 from PIL import Image, ImageOps
 
 from fcnseg.data.classes import VOC_CLASSES
-from fcnseg.errors import ConfigError, DataError
+from fcnseg.data.transforms import normalize_image
+from fcnseg.errors import CheckpointError, ConfigError, DataError
+from fcnseg.models import build_fcn, load_reference_weights
+from fcnseg.models.checkpoint import build_net
+from fcnseg.runs import resolve_tracking_uri, using_store
 
 MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused as decompression bombs
 PRECISIONS = ("fp32", "bf16")
@@ -106,23 +110,12 @@ class Segmenter:
 
         Reads the checkpoint without Lightning (which takes seconds to import and is not needed to predict).
         """
-        from fcnseg.models import build_fcn
-        from fcnseg.models.weights import load_checkpoint_state, read_fcnseg_checkpoint
-
-        checkpoint = read_fcnseg_checkpoint(path)
-        hparams = checkpoint["hyper_parameters"]
-        net_config = {key: value for key, value in hparams["net"].items() if key != "_target_"}
-        net = build_fcn(**{**net_config, "backbone_weights": None})  # the checkpoint holds every weight
-        state = {key[len("net."):]: value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")}
-        load_checkpoint_state(net, state, path)
-        class_names = hparams.get("class_names") or VOC_CLASSES[: hparams.get("num_classes", len(VOC_CLASSES))]
-        return cls(net, hparams.get("normalization", "imagenet"), list(class_names), device, precision, channels_last)
+        net, normalization, class_names = build_net(path)
+        return cls(net, normalization, class_names, device, precision, channels_last)
 
     @torch.inference_mode()
     def scores(self, images: list[np.ndarray]) -> torch.Tensor:
         """Class scores (N, C, H, W) for RGB uint8 images of one size."""
-        from fcnseg.data.transforms import normalize_image
-
         batch = torch.stack([normalize_image(image, self.normalization) for image in images])
         if self.device.type == "cuda":  # pinned host memory: the copy runs as a DMA, not through pageable memory
             batch = batch.pin_memory()
@@ -178,20 +171,18 @@ class Segmenter:
 
 
 def load_segmenter(model: str, device: str | None = None, variant: str | None = None,
-                   precision: str | None = None, channels_last: bool | None = None) -> Segmenter:
-    """A Segmenter from ``models:/NAME@ALIAS`` (or any MLflow model URI), an fcnseg ``.ckpt``, or a
-    wkentaro/pytorch-fcn ``.pth`` (``variant`` names the net: fcn32s, fcn16s, fcn8s, fcn8s_atonce).
+                   precision: str | None = None, channels_last: bool | None = None,
+                   tracking_uri: str | None = None) -> Segmenter:
+    """A Segmenter from ``models:/NAME@ALIAS`` (or any MLflow model URI, looked up in ``tracking_uri``: see
+    :func:`fcnseg.runs.resolve_tracking_uri`), an fcnseg ``.ckpt``, or a wkentaro/pytorch-fcn ``.pth`` (``variant``
+    names the net: fcn32s, fcn16s, fcn8s, fcn8s_atonce).
     ``precision`` / ``channels_last``: see :class:`Segmenter` (None: the device's defaults)."""
-    from fcnseg.errors import CheckpointError
-
     if "://" in model or model.startswith("models:/") or model.startswith("runs:/"):
-        import mlflow.pyfunc
+        import mlflow.pyfunc  # only for registry models: checkpoints load without MLflow's import time
 
-        from fcnseg.tracking import resolve_tracking_uri
-
-        mlflow.set_tracking_uri(resolve_tracking_uri())
         try:
-            loaded = mlflow.pyfunc.load_model(model)
+            with using_store(resolve_tracking_uri(tracking_uri)):
+                loaded = mlflow.pyfunc.load_model(model)
         except Exception as exc:
             raise CheckpointError(f"cannot load MLflow model {model}: {str(exc).splitlines()[0]}; "
                                   f"check the name/alias with `fcnseg models`") from exc
@@ -205,8 +196,6 @@ def load_segmenter(model: str, device: str | None = None, variant: str | None = 
         raise CheckpointError(f"model not found: {model}; pass models:/NAME@ALIAS, a .ckpt or a pytorch-fcn .pth")
     if path.suffix == ".ckpt":
         return Segmenter.from_checkpoint(path, device, precision, channels_last)
-    from fcnseg.models import build_fcn, load_reference_weights
-
     net = build_fcn(variant or "fcn8s", num_classes=len(VOC_CLASSES))
     load_reference_weights(net, path)
     # the Caffe nets expect BGR, 0-255, mean-subtracted input

@@ -12,6 +12,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from fcnseg.data.voc import COMPLETE_MARKER, VOCSegmentation
+from fcnseg.runs import project_root
+
 GIT_COMMIT, GIT_DIRTY = "git_commit", "git_dirty"
 DVC_LOCK_PREFIX = "dvc_lock."
 EVAL_KEYS = ("data_version", "eval_split", "eval_ids_sha256")  # an evaluation set: all three must match
@@ -52,10 +55,35 @@ def dvc_lock_hashes(root: str | Path) -> dict[str, str]:
     return tags
 
 
+def data_version(data_root: str | Path) -> str:
+    """The dataset's version: DVC's hash of the prepared data when dvc.lock has it, else a hash of its marker.
+
+    Models are only compared (promotion) when trained and evaluated on the same data version.
+    """
+    data_root = Path(data_root)
+    root = project_root()
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        import yaml
+
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []):
+                out_path = (root / out["path"]).resolve()
+                if out_path == data_root.resolve() or out_path in data_root.resolve().parents:
+                    return str(out.get("md5", "unknown"))
+    digest = hashlib.md5()
+    marker = data_root / COMPLETE_MARKER
+    if marker.is_file():
+        digest.update(marker.read_bytes())
+    else:  # no marker: the split lists still pin which images are used
+        for split_file in sorted((data_root / "ImageSets" / "Segmentation").glob("*.txt")):
+            digest.update(split_file.name.encode() + split_file.read_bytes())
+    return digest.hexdigest()
+
+
 def split_ids(data_root: str | Path, split: str) -> list[str]:
     """The image ids of a split, as the evaluation reads them (VOC split files, packaged or SBD splits)."""
-    from fcnseg.data import VOCSegmentation
-
     return list(VOCSegmentation(data_root, split).ids)
 
 

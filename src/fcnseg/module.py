@@ -15,7 +15,8 @@ from torch import nn
 from fcnseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from fcnseg.errors import FcnsegError
 from fcnseg.metrics import SCALAR_KEYS, SegmentationMetrics
-from fcnseg.models.weights import load_checkpoint_state, read_fcnseg_checkpoint
+from fcnseg.models.checkpoint import inference_net_config, load_checkpoint_state, read_checkpoint
+from fcnseg.models.weights import NET_PREFIX
 
 
 NO_FAULT = 2**62  # "no non-finite loss yet": larger than any step, so a min over ranks finds the first fault
@@ -41,7 +42,7 @@ class SegmentationModule(L.LightningModule):
     def __init__(
         self,
         net: dict[str, Any],
-        optim: dict[str, Any],
+        optim: dict[str, Any] | None = None,
         num_classes: int = len(VOC_CLASSES),
         ignore_index: int = IGNORE_INDEX,
         normalization: str = "imagenet",
@@ -61,7 +62,7 @@ class SegmentationModule(L.LightningModule):
             raise FcnsegError(f"training.channels_last must be true, false or auto, got {channels_last!r}")
         self.net = hydra.utils.instantiate(net)
         self.class_names = list(class_names or VOC_CLASSES[:num_classes])
-        reduction = optim.get("loss_reduction", "mean")
+        reduction = (optim or {}).get("loss_reduction", "mean")
         if reduction not in ("mean", "sum"):
             raise FcnsegError(f"optim.loss_reduction must be 'mean' or 'sum', got {reduction!r}")
         self.criterion = nn.CrossEntropyLoss(ignore_index=ignore_index, reduction=reduction)
@@ -153,7 +154,8 @@ class SegmentationModule(L.LightningModule):
         self.log("val/loss", torch.stack(losses).mean(), on_epoch=True, sync_dist=True, batch_size=len(losses))
 
     def on_validation_epoch_start(self) -> None:
-        if self.trainer.training and hasattr(self, "_first_nonfinite_step"):  # mid-epoch validation (val_check_interval)
+        # a validation inside a training epoch (val_check_interval) must not score weights a bad step made
+        if self.trainer.training and hasattr(self, "_first_nonfinite_step"):
             self._check_nonfinite()
         # Whole images come in many sizes: cuDNN autotuning (trainer.benchmark) would re-tune for each new one.
         self._cudnn_benchmark = torch.backends.cudnn.benchmark
@@ -180,6 +182,9 @@ class SegmentationModule(L.LightningModule):
 
     def configure_optimizers(self):
         optim = self.hparams.optim
+        if not optim:
+            raise FcnsegError("this module was rebuilt for inference (its checkpoint has no optim config); train "
+                              "from a training checkpoint or give SegmentationModule an optim config")
         lr = float(optim["optimizer"]["lr"])
         weights, biases = [], []
         for name, param in self.net.named_parameters():
@@ -214,13 +219,13 @@ class SegmentationModule(L.LightningModule):
 
 
 def load_module(checkpoint_path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationModule:
-    """Rebuilds a trained SegmentationModule from a Lightning checkpoint, ready for inference (eval mode).
-
-    The backbone is not re-fetched (``backbone_weights=None``): the checkpoint holds all trained weights.
-    """
-    checkpoint = read_fcnseg_checkpoint(checkpoint_path)
+    """Rebuilds a SegmentationModule from an fcnseg checkpoint (a training one, or weights only), ready for inference
+    (eval mode). The backbone is not re-fetched: the checkpoint holds all trained weights."""
+    checkpoint = read_checkpoint(checkpoint_path)
     hparams = checkpoint["hyper_parameters"]
-    module = SegmentationModule(**{**hparams, "net": {**hparams["net"], "backbone_weights": None}})
-    load_checkpoint_state(module, checkpoint["state_dict"], checkpoint_path)
+    module = SegmentationModule(**{**hparams, "net": {"_target_": "fcnseg.models.build_fcn",
+                                                      **inference_net_config(checkpoint)}})
+    load_checkpoint_state(module, {key: value for key, value in checkpoint["state_dict"].items()
+                                   if key.startswith(NET_PREFIX)}, checkpoint_path)
     module.to(map_location)
     return module.eval()

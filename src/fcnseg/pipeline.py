@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from fcnseg.cli_errors import exit_on_user_error
 from fcnseg.config import CONFIG_DIR, CONFIG_NAME
 from fcnseg.errors import ConfigError, FcnsegError
+from fcnseg.runs import read_run_record
 
 TRAIN_DIR = Path("artifacts/train")
 BEST_CHECKPOINT = TRAIN_DIR / "checkpoints" / "best.ckpt"
@@ -101,25 +102,22 @@ def evaluate(cfg: DictConfig) -> None:
         METRICS_FILE.write_text(json.dumps(metrics, indent=2))
         print(f"held-out split {test_split!r}:")
         print_report(test_report)
-    run_file = TRAIN_DIR / "mlflow_run.json"
-    if cfg.tracking.enabled and run_file.is_file():
+    run = read_run_record(TRAIN_DIR)
+    if cfg.tracking.enabled and run:
         import mlflow
 
-        from fcnseg.tracking import log_evaluation
+        from fcnseg.publish import log_evaluation
 
-        run = json.loads(run_file.read_text())
         client = mlflow.MlflowClient(run["tracking_uri"])
-        log_evaluation(client, run["run_id"], report.results, report.class_names, report.grid,
-                       prefix="val", artifact_dir="evaluation")
+        log_evaluation(client, run["run_id"], report, prefix="val", artifact_dir="evaluation")
         if test_report is not None:
-            log_evaluation(client, run["run_id"], test_report.results, test_report.class_names, None,
-                           prefix=test_split, artifact_dir=f"evaluation/{test_split}")
+            log_evaluation(client, run["run_id"], test_report, prefix=test_split,
+                           artifact_dir=f"evaluation/{test_split}")
         client.log_artifact(run["run_id"], str(METRICS_FILE), "evaluation")
 
 
 def register(cfg: DictConfig) -> None:
     from fcnseg import lineage, registry
-    from fcnseg.tracking import data_version
 
     result_file = TRAIN_DIR / "train_result.json"
     if not cfg.tracking.enabled:
@@ -131,12 +129,12 @@ def register(cfg: DictConfig) -> None:
     if not result.get("model_uri"):
         raise FcnsegError(f"{result_file} has no logged model (tracking.log_model=false?); nothing to register")
     metrics = json.loads(METRICS_FILE.read_text())
-    run = json.loads((TRAIN_DIR / "mlflow_run.json").read_text())
-    client = registry.client_for(run["tracking_uri"])
+    data_version = lineage.data_version(cfg.data.root)
+    client = registry.client_for(read_run_record(TRAIN_DIR)["tracking_uri"])
     version = registry.register_model(
         result["model_uri"], cfg.tracking.registered_model_name, val_mean_iou=metrics["mean_iou"],
-        data_version=data_version(cfg.data.root), client=client, tags={"model": cfg.model.name},
-        evaluation=lineage.evaluation_set(cfg.data.root, cfg.data.datamodule.val_split, data_version(cfg.data.root)),
+        data_version=data_version, client=client, tags={"model": cfg.model.name},
+        evaluation=lineage.evaluation_set(cfg.data.root, cfg.data.datamodule.val_split, data_version),
         per_class_iou=metrics.get("per_class_iou"), lineage=lineage.dvc_lock_hashes(Path.cwd()),
     )
     decision = registry.promote(cfg.tracking.registered_model_name, version.version, client=client)

@@ -16,8 +16,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fcnseg.data.voc import save_label_png
 from fcnseg.errors import DataError
 from fcnseg.inference import Segmenter, read_image
+from fcnseg.viz import overlay
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -67,8 +69,6 @@ def collect_inputs(inputs: list[str | Path], exclude: Path | None = None) -> lis
 
 def write_outputs(image: np.ndarray, label_map: np.ndarray, stem: Path, out_dir: Path,
                   class_names: list[str]) -> tuple[Path, Path]:
-    from fcnseg.viz import overlay, save_label_png
-
     mask_path = out_dir / stem.parent / f"{stem.name}.png"  # not with_suffix: "a.b" stays "a.b"
     overlay_path = out_dir / stem.parent / f"{stem.name}_overlay.png"
     mask_path.parent.mkdir(parents=True, exist_ok=True)

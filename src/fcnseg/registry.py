@@ -39,6 +39,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fcnseg.errors import TrackingError
+from fcnseg.model_card import publish_model_card
+from fcnseg.runs import auth_problem, first_line, using_store
 from fcnseg.lineage import DVC_LOCK_PREFIX, EVAL_KEYS, GIT_COMMIT, GIT_DIRTY
 
 CHAMPION = "champion"
@@ -100,13 +102,11 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def client_for(tracking_uri: str) -> mlflow.MlflowClient:
-    """A client whose tracking and registry stores are both ``tracking_uri`` (also made MLflow's default)."""
+    """A client whose tracking and registry stores are both ``tracking_uri``."""
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         raise TrackingError(f"no MLflow database at {db}; train a model first (it creates the store) or pass "
                             f"--tracking-uri / set MLFLOW_TRACKING_URI to the store that holds your runs")
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -198,21 +198,6 @@ def _server_lock(client: mlflow.MlflowClient, name: str) -> Iterator[None]:
             _retry(client.delete_registered_model, lock)
 
 
-def auth_problem(exc: BaseException, action: str, where: str) -> str | None:
-    """The one-line message for a server's authentication (401) or permission (403) refusal; None otherwise."""
-    code = getattr(exc, "error_code", None)
-    if code == "UNAUTHENTICATED":
-        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
-        return (f"cannot {action}: {where} requires a login and "
-                + (f"refused user {who!r}; check MLFLOW_TRACKING_PASSWORD" if who else
-                   "none was given; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"))
-    if code == "PERMISSION_DENIED":
-        who = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no user)")
-        return (f"cannot {action}: user {who!r} lacks the permission on {where}; ask an MLflow admin for EDIT "
-                f"(or MANAGE) on the registered model, or run as a user who has it")
-    return None
-
-
 @contextlib.contextmanager
 def _as_tracking_error(action: str, client: mlflow.MlflowClient) -> Iterator[None]:
     try:
@@ -221,21 +206,7 @@ def _as_tracking_error(action: str, client: mlflow.MlflowClient) -> Iterator[Non
         auth = auth_problem(exc, action, _registry_uri(client))
         if auth:
             raise TrackingError(auth) from exc
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TrackingError(f"cannot {action} in {_registry_uri(client)}: {first_line}") from exc
-
-
-@contextlib.contextmanager
-def _default_uris(client: mlflow.MlflowClient) -> Iterator[None]:
-    """``mlflow.register_model`` uses MLflow's default store: point it at the client's for the call."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)
-    mlflow.set_registry_uri(_registry_uri(client))
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        raise TrackingError(f"cannot {action} in {_registry_uri(client)}: {first_line(exc)}") from exc
 
 
 # --- register -----------------------------------------------------------------------------------------------
@@ -265,15 +236,13 @@ def register_model(model_uri: str, name: str, *, val_mean_iou: float | None, dat
             {k: (None if v is None or v != v else round(float(v), 6)) for k, v in per_class_iou.items()})
     version_tags.update({k: str(v) for k, v in (lineage or {}).items()})
     with _as_tracking_error(f"register {model_uri} as {name}", client), _registry_lock(client, name):
-        with _default_uris(client):  # it also resolves runs:/ URIs to the logged model, as MLflow 3 does
+        with using_store(_registry_uri(client)):  # it also resolves runs:/ URIs to the logged model, as MLflow 3 does
             version = _retry(mlflow.register_model, model_uri, name, tags=version_tags)
         _retry(client.set_registered_model_alias, name, CHALLENGER, version.version)
         if version.run_id:
             _copy_run_lineage(client, name, version, lineage or {})
         version = _retry(client.get_model_version, name, version.version)
     if model_card:
-        from fcnseg.model_card import publish_model_card
-
         with _as_tracking_error(f"write the model card of {name} v{version.version}", client):
             publish_model_card(client, version)
         version = _retry(client.get_model_version, name, version.version)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fcnseg.errors import FcnsegError, TrackingError
+from fcnseg.runs import auth_problem
 
 LOCAL_KEYS = ("paths.", "tracking.tracking_uri", "tracking.run_name", "ckpt_path")
 _BARE = re.compile(r"[A-Za-z0-9_./\-]+")
@@ -53,8 +54,6 @@ def resolve_version(client, model_uri: str):
             return client.get_model_version_by_alias(match["name"], match["alias"])
         return client.get_model_version(match["name"], match["version"])
     except MlflowException as exc:
-        from fcnseg.registry import auth_problem
-
         auth = auth_problem(exc, f"read {model_uri}", client.tracking_uri)
         raise TrackingError(auth or f"cannot find {model_uri}: {(str(exc).splitlines() or [''])[0]}; list "
                                     f"versions with `fcnseg models {match['name']}`") from exc

@@ -15,18 +15,21 @@ import io
 import json
 import shutil
 import tempfile
+from importlib.metadata import packages_distributions
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
+from fcnseg.data.voc import save_label_png
 from fcnseg.errors import FcnsegError
+from fcnseg.inference import Segmenter, read_image_bytes
+from fcnseg.models.checkpoint import atomic_torch_save, read_checkpoint, weights_only
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
@@ -56,15 +59,10 @@ class FCNSegmenter(mlflow.pyfunc.PythonModel):
     """Loads the fcnseg checkpoint logged with the model and segments whole images of any size."""
 
     def load_context(self, context) -> None:
-        from fcnseg.inference import Segmenter
-
         # "checkpoint": models logged before the weights-only format (a whole training checkpoint)
         self.segmenter = Segmenter.from_checkpoint(context.artifacts.get("weights") or context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from fcnseg.inference import read_image_bytes
-        from fcnseg.viz import save_label_png
-
         rows = []
         for index, encoded in enumerate(model_input["image"]):
             try:
@@ -89,8 +87,8 @@ class FCNSegmenter(mlflow.pyfunc.PythonModel):
 # Python where the project is not importable): paths relative to the fcnseg package.
 BUNDLED_MODULES = (
     "__init__.py", "errors.py", "serving.py", "inference.py", "viz.py",
-    "data/__init__.py", "data/classes.py", "data/transforms.py",
-    "models/__init__.py", "models/fcn.py", "models/weights.py",
+    "data/__init__.py", "data/classes.py", "data/transforms.py", "data/voc.py",
+    "models/__init__.py", "models/fcn.py", "models/weights.py", "models/checkpoint.py", "runs.py",
 )
 # Top-level modules those modules import (albumentations + OpenCV normalise the input as evaluation does).
 REQUIRED_MODULES = ("torch", "numpy", "pandas", "PIL", "albumentations", "cv2")
@@ -99,8 +97,6 @@ REQUIRED_MODULES = ("torch", "numpy", "pandas", "PIL", "albumentations", "cv2")
 def pinned_requirements() -> list[str]:
     """``name==version`` of the distribution installed here for each required module (cv2 may come from
     opencv-python or opencv-python-headless); local tags such as ``+cpu`` dropped: PyPI has none."""
-    from importlib.metadata import packages_distributions
-
     providers = packages_distributions()
     names = [(providers.get(module) or [module])[0] for module in REQUIRED_MODULES]
     return [f"{name}=={installed_version(name).split('+')[0]}" for name in names]
@@ -117,22 +113,9 @@ def bundle_code(destination: Path) -> Path:
 
 
 def write_weights(checkpoint_path: str | Path, out_path: str | Path) -> Path:
-    """A weights-only copy of an fcnseg checkpoint: the net's tensors, its config, normalisation and class names.
-
-    Optimiser state, loop counters, RNG states and callbacks are left out; the file keeps the checkpoint layout
-    (``state_dict`` of ``net.*`` + ``hyper_parameters``), so ``Segmenter.from_checkpoint`` reads it as it is.
-    """
-    from fcnseg.models.weights import read_fcnseg_checkpoint
-
-    checkpoint = read_fcnseg_checkpoint(checkpoint_path)
-    hparams = checkpoint["hyper_parameters"]
-    weights = {
-        "state_dict": {key: value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")},
-        "hyper_parameters": {key: hparams[key] for key in ("net", "num_classes", "normalization", "class_names")
-                             if key in hparams},
-    }
-    torch.save(weights, out_path)
-    return Path(out_path)
+    """A weights-only copy of an fcnseg checkpoint (:func:`fcnseg.models.checkpoint.weights_only`), in the
+    checkpoint format, so ``Segmenter.from_checkpoint`` reads it as it is."""
+    return atomic_torch_save(weights_only(read_checkpoint(checkpoint_path)), out_path)
 
 
 def log_pyfunc_model(checkpoint_path: str | Path, example_images: list[np.ndarray], name: str = "model") -> str:

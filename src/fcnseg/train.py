@@ -18,6 +18,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -25,12 +26,16 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from fcnseg import tracking
 from fcnseg.checkpointing import AtomicCheckpointIO, RngStateCheckpoint
 from fcnseg.cli_errors import exit_on_user_error, precheck_overrides
 from fcnseg.config import CONFIG_DIR, CONFIG_NAME
 from fcnseg.data.classes import VOC_CLASSES
+from fcnseg.data.prepare import prepare
 from fcnseg.errors import CheckpointError, ConfigError
+from fcnseg.models import init_from_coarser
 from fcnseg.module import SegmentationModule
+from fcnseg.publish import log_training_outputs
 
 log = logging.getLogger(__name__)
 DEFAULT_OUTPUT_DIR = Path("artifacts/train")
@@ -148,8 +153,6 @@ def build_module(cfg: DictConfig) -> SegmentationModule:
         **OmegaConf.to_container(cfg.training, resolve=True),
     )
     if cfg.model.init_from:  # staged training: FCN-16s from FCN-32s, FCN-8s from FCN-16s
-        from fcnseg.models import init_from_coarser
-
         copied = init_from_coarser(module.net, cfg.model.init_from)
         log.info("initialised %d tensors from %s", len(copied), cfg.model.init_from)
     return module
@@ -160,10 +163,6 @@ def prepare_generated_data(cfg: DictConfig) -> None:
     rank gets here: the lock makes one process per node write it while the others wait, then find it complete."""
     if cfg.data.source != "synthetic":
         return
-    from filelock import FileLock
-
-    from fcnseg.data.prepare import prepare
-
     root = Path(cfg.data.root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(root.parent / f".{root.name}.lock"):
@@ -176,8 +175,6 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     Under DDP every rank runs this function; only global rank 0 writes the run's files (config, results) and talks
     to MLflow, and what it does alone after training makes no collective call.
     """
-    from fcnseg import tracking
-
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(output_dir or resolve_output_dir(cfg))
     checkpoint_dir = output_dir / "checkpoints"
@@ -221,7 +218,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     if earlier_rows:
         prepend_csv_rows(output_dir / "metrics.csv", earlier_rows)
     if logger is not None and logger.offline_since is None:
-        result["model_uri"] = tracking.log_training_outputs(cfg, logger.run_id, Path(best))
+        result["model_uri"] = log_training_outputs(cfg, logger.run_id, Path(best))
     elif logger is not None:
         result["tracking_failed"] = logger.offline_since
         log.warning("MLflow was unreachable; the run is complete on disk in %s. Log it with: "

@@ -1,4 +1,4 @@
-"""Pictures of segmentations: VOC colours, palette PNGs, overlays with a legend, prediction grids and metric plots.
+"""Pictures of segmentations: VOC colours, overlays with a legend, prediction grids and metric plots.
 
 Plots are built on ``matplotlib.figure.Figure`` directly (no pyplot), so nothing here touches the global backend or
 needs a display, and figures are freed when dropped.
@@ -9,46 +9,26 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from fcnseg.data.classes import IGNORE_INDEX, VOC_CLASSES, voc_palette
+from fcnseg.data.classes import IGNORE_INDEX, VOC_CLASSES
+from fcnseg.data.voc import VOC_PALETTE, as_label_map
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PALETTE = voc_palette(256)  # 255 (void) is (224, 224, 192), as in the VOC devkit
+PALETTE = VOC_PALETTE
 LEGEND_FONT_SIZE = 12
 LEGEND_ROW = 16  # pixels per legend entry
 LEGEND_PAD = 4
 
 
-def _as_label_map(label_map: np.ndarray) -> np.ndarray:
-    label_map = np.asarray(label_map)
-    if label_map.ndim != 2:
-        raise ValueError(f"a label map must be 2-D (H, W), got shape {label_map.shape}")
-    if label_map.size and (label_map.min() < 0 or label_map.max() > 255):
-        raise ValueError(f"label values must lie in [0, 255], got [{label_map.min()}, {label_map.max()}]")
-    return label_map.astype(np.uint8, copy=False)
-
-
 def colorize(label_map: np.ndarray) -> np.ndarray:
     """``(H, W)`` class indices → ``(H, W, 3)`` uint8 RGB in the VOC colours (void 255 → (224, 224, 192))."""
-    return PALETTE[_as_label_map(label_map)]
-
-
-def save_label_png(label_map: np.ndarray, path_or_buffer: str | Path | BinaryIO) -> None:
-    """Writes a palette-mode PNG: pixel values are the class indices, the palette is VOC's (all 256 entries).
-
-    This is the format of VOC's ``SegmentationClass`` files, so the devkit and our own reader get the indices back.
-    """
-    image = Image.fromarray(_as_label_map(label_map))  # mode "L"
-    image.putpalette(PALETTE.tobytes())  # turns it into mode "P" without touching the indices
-    if isinstance(path_or_buffer, (str, Path)):
-        Path(path_or_buffer).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path_or_buffer, format="PNG")
+    return PALETTE[as_label_map(label_map)]
 
 
 def _class_name(index: int, class_names: Sequence[str]) -> str:
@@ -83,7 +63,7 @@ def overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.5, class_
     Returns uint8 RGB.
     """
     image = np.asarray(image)
-    labels = _as_label_map(label_map)
+    labels = as_label_map(label_map)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     if image.shape[:2] != labels.shape:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES
-from fcnseg.data.voc import VOCSegmentation, read_image, read_label
+from fcnseg.data.voc import VOCSegmentation, read_dataset_image, read_label
 from fcnseg.errors import DataError
 from tests.voc_layout import random_sample, save_palette_png, write_voc_layout
 
@@ -64,7 +64,7 @@ def write_and_read(payload: bytes, suffix: str, reader, check) -> None:
 @FUZZ
 @given(payload=st.binary(max_size=4096), suffix=st.sampled_from([".jpg", ".png"]))
 def test_random_bytes(payload, suffix):
-    write_and_read(payload, suffix, read_image, check_image)
+    write_and_read(payload, suffix, read_dataset_image, check_image)
     write_and_read(payload, suffix, read_label, check_label)
 
 
@@ -74,7 +74,7 @@ def test_random_bytes(payload, suffix):
 def test_truncated_and_bit_flipped_files(seed, cut, flips, fmt):
     rng = np.random.default_rng(seed)
     image, label = random_sample(rng, int(rng.integers(2, 40)), int(rng.integers(2, 40)))
-    for payload, reader, check in ((png_bytes(image, "RGB", fmt), read_image, check_image),
+    for payload, reader, check in ((png_bytes(image, "RGB", fmt), read_dataset_image, check_image),
                                    (png_bytes(label, "L", fmt if fmt != "JPEG" else "PNG"), read_label, check_label)):
         damaged = bytearray(payload[: int(len(payload) * cut)])
         for flip in flips:

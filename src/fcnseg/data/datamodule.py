@@ -26,6 +26,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
+from fcnseg.data.samplers import EpochSeededDataset, EpochSeededSampler, UnpaddedDistributedSampler
 from fcnseg.data.transforms import build_eval_transform, build_train_transform
 from fcnseg.data.voc import VOCSegmentation
 from fcnseg.errors import ConfigError, DataError
@@ -139,8 +140,6 @@ class VOCDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        from fcnseg.data.samplers import EpochSeededDataset, EpochSeededSampler
-
         # Shuffle and augmentation are functions of (seed, epoch, index): a resumed run replays them exactly.
         world_size, rank = _distributed_world()
         sampler = EpochSeededSampler(self.train_dataset, num_replicas=world_size, rank=rank, seed=self.seed)
@@ -158,8 +157,6 @@ class VOCDataModule(L.LightningDataModule):
         world_size, rank = _distributed_world()
         sampler = None
         if world_size > 1:
-            from fcnseg.data.samplers import UnpaddedDistributedSampler
-
             if len(self.val_dataset) < world_size:  # a rank without images would wait forever at the metric sync
                 raise DataError(f"split {self.val_split!r} of {self.root} has {len(self.val_dataset)} images, fewer "
                                 f"than the {world_size} processes: use fewer devices or a larger validation split")

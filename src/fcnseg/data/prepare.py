@@ -24,9 +24,10 @@ from filelock import FileLock
 
 from fcnseg.data import pin
 from fcnseg.data.fetch import SBD, SBD_WAYS_OUT, VOC_WAYS_OUT, Resource, download, safe_extract, use_local_tarball
+from fcnseg.data.synthetic import write_synthetic_voc
+from fcnseg.data.voc import COMPLETE_MARKER
 from fcnseg.errors import ConfigError
 
-COMPLETE_MARKER = ".complete"
 SOURCES = ("voc", "synthetic")
 VOC_DIRS = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
 
@@ -137,8 +138,6 @@ def prepare(data_cfg: dict, data_dir: str | Path, *, voc_resource: Resource | No
     ``voc_resource``: the VOC tarball and its URLs (default: the package's pin and mirrors)."""
     source = data_cfg.get("source")
     if source == "synthetic":
-        from fcnseg.data.synthetic import write_synthetic_voc
-
         return write_synthetic_voc(data_cfg["root"], **(data_cfg.get("synthetic") or {}))
     if source == "voc":
         resource = voc_resource or pin.voc_resource(mirrors=data_cfg.get("mirrors"))

@@ -30,12 +30,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES
+from fcnseg.data.voc import COMPLETE_MARKER, save_label_png
 from fcnseg.errors import DataError
-from fcnseg.viz import save_label_png
 
 GENERATOR_VERSION = 1  # bump when the drawing code changes, so stale datasets on disk are rewritten
 JPEG_QUALITY = 95
-COMPLETE_MARKER = ".complete"
 
 _TEXTURES = ("solid", "hstripes", "vstripes", "diagonal", "checker", "dots")
 _SHAPES = ("ellipse", "rectangle", "triangle", "pentagon")

@@ -23,17 +23,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES
+from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES, voc_palette
 from fcnseg.errors import DataError
 
 PACKAGED_SPLITS: dict[str, Path] = {"seg11valid": Path(__file__).with_name("splits") / "seg11valid.txt"}
 TRAIN_AUG = "train_aug"
+COMPLETE_MARKER = ".complete"  # written last into a prepared dataset directory: without it, the directory is not ready
+VOC_PALETTE = voc_palette(256)  # 255 (void) is (224, 224, 192), as in the VOC devkit
 FETCH_HINT = "prepare it with `fcnseg fetch` (or `dvc repro`), or point data.root at a VOC2012 directory"
 
 
@@ -48,14 +50,37 @@ def default_sbd_root(root: str | Path) -> Path:
     return Path(root).parent.parent / "SBD" / "benchmark_RELEASE" / "dataset"
 
 
-def read_image(path: Path) -> np.ndarray:
-    """uint8 HxWx3 RGB."""
+def read_dataset_image(path: Path) -> np.ndarray:
+    """A dataset's image as uint8 HxWx3 RGB, its pixels as stored: no EXIF orientation is applied, since the label
+    PNG is aligned with the stored pixels (``fcnseg.inference.read_image`` reads a user's photo as displayed)."""
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))  # a writable copy: torch warns on read-only arrays
     except Exception as err:  # PIL's decoders raise many types on damaged bytes (found by fuzzing): all bad files
         raise DataError(f"cannot read image {path} ({_reason(err)}); re-extract the dataset or remove the file "
                         "and its id from the split") from err
+
+
+def as_label_map(label_map: np.ndarray) -> np.ndarray:
+    """``label_map`` as a 2-D uint8 array of class indices; ValueError when it cannot be one."""
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2:
+        raise ValueError(f"a label map must be 2-D (H, W), got shape {label_map.shape}")
+    if label_map.size and (label_map.min() < 0 or label_map.max() > 255):
+        raise ValueError(f"label values must lie in [0, 255], got [{label_map.min()}, {label_map.max()}]")
+    return label_map.astype(np.uint8, copy=False)
+
+
+def save_label_png(label_map: np.ndarray, path_or_buffer: str | Path | BinaryIO) -> None:
+    """Writes a palette-mode PNG: pixel values are the class indices, the palette is VOC's (all 256 entries).
+
+    This is the format of VOC's ``SegmentationClass`` files, so the devkit and :func:`read_label` get the indices back.
+    """
+    image = Image.fromarray(as_label_map(label_map))  # mode "L"
+    image.putpalette(VOC_PALETTE.tobytes())  # turns it into mode "P" without touching the indices
+    if isinstance(path_or_buffer, (str, Path)):
+        Path(path_or_buffer).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path_or_buffer, format="PNG")
 
 
 def read_label(path: Path) -> np.ndarray:
@@ -74,7 +99,7 @@ def read_label(path: Path) -> np.ndarray:
             return np.array(label, dtype=np.uint8)  # mode P: the palette indices, never the colours
     except DataError:
         raise
-    except Exception as err:  # as in read_image: any decoder failure is a bad file
+    except Exception as err:  # as in read_dataset_image: any decoder failure is a bad file
         raise DataError(f"cannot read label {path} ({_reason(err)}); re-extract the dataset or remove the file "
                         "and its id from the split") from err
 
@@ -129,7 +154,7 @@ class VOCSegmentation(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         sample = self.samples[index]
-        image = read_image(sample.image)
+        image = read_dataset_image(sample.image)
         mask = read_label(sample.label)
         self._check_label(sample, image, mask)
         if self.transform is None:

@@ -17,6 +17,7 @@ from torch import nn
 from fcnseg.errors import CheckpointError
 
 StateDictSource = str | os.PathLike | Mapping[str, torch.Tensor]
+NET_PREFIX = "net."  # where an fcnseg checkpoint (see fcnseg.models.checkpoint) holds the net's tensors
 
 # torchvision's vgg16().features indices of the 13 convolutions, with their names in the paper's nets.
 _TORCHVISION_VGG16_CONVS: dict[int, str] = {
@@ -48,36 +49,6 @@ def _load_file(path: str | os.PathLike) -> object:
         ) from exc
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:limit]
-
-
-def read_fcnseg_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint written by fcnseg training or ``import-weights`` (``hyper_parameters`` with the ``net`` config,
-    and ``state_dict``), read without Lightning; a missing, corrupt or foreign file is a one-line CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}; pass a .ckpt written by fcnseg train or "
-                              f"import-weights")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {_first_line(exc)}); it must be "
-                              f"a .ckpt written by fcnseg train or import-weights") from exc
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, Mapping) or not isinstance(hparams.get("net"), Mapping) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not an fcnseg checkpoint (no model hyperparameters or state_dict)")
-    return checkpoint
-
-
-def load_checkpoint_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """``model.load_state_dict(state)``, a mismatch being a one-line CheckpointError naming the checkpoint."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match its recorded model: {_first_line(exc)}") from exc
-
-
 def _strip_prefix(state: Mapping[str, object], prefix: str) -> dict[str, object]:
     """Drop ``prefix`` from keys that have it; keys without it are dropped when any key has it."""
     if not any(key.startswith(prefix) for key in state):
@@ -99,7 +70,7 @@ def read_state_dict(source: StateDictSource) -> tuple[dict[str, torch.Tensor], s
     if not isinstance(source, Mapping):
         raise CheckpointError(f"{where} holds a {type(source).__name__}, not a state dict; pass a state dict file")
     if isinstance(source.get("state_dict"), Mapping):  # Lightning checkpoint
-        source = _strip_prefix(source["state_dict"], "net.")
+        source = _strip_prefix(source["state_dict"], NET_PREFIX)
     elif isinstance(source.get("model_state_dict"), Mapping):  # pytorch-fcn training checkpoint
         source = source["model_state_dict"]
     state = _strip_prefix(source, "_orig_mod.")

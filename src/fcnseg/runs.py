@@ -1,0 +1,135 @@
+"""Where runs live: the project root, the MLflow store a command talks to, a training dir's run record, and how
+MLflow's failures read to a user. A leaf: every module that talks to MLflow stands on it, it stands on none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fcnseg.errors import TrackingError
+
+RUN_FILE = "mlflow_run.json"  # in the training output dir: lets a resumed run continue the same MLflow run
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project's root: the nearest directory holding dvc.yaml (or .git), outside DVC's temp experiment dirs."""
+    here = (start or Path.cwd()).resolve()
+    text = str(here)
+    if "/.dvc/tmp/exps/" in text:  # `dvc exp run --temp/--queue` runs in a copy: track into the real project
+        here = Path(text.split("/.dvc/tmp/exps/")[0])
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").is_file() or (candidate / ".git").exists():
+            return candidate
+    return here
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """The store of every command: ``explicit`` (``tracking.tracking_uri``, ``--tracking-uri``), else
+    $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db (a real database, no server)."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent calls (``start_run``, ``log_model``, ``register_model``, ``pyfunc.load_model`` of
+    ``models:/`` URIs) read a process-wide default store: point it at ``uri`` for the block, then restore it."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def read_run_record(output_dir: str | Path) -> dict[str, Any]:
+    """The MLflow run a training dir logs into (``run_id``, ``tracking_uri``); {} when it has none."""
+    path = Path(output_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_run_record(output_dir: str | Path, run_id: str, tracking_uri: str, **extra: Any) -> None:
+    (Path(output_dir) / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri, **extra}))
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fails within seconds, in one line, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it, point MLFLOW_TRACKING_URI at a "
+            f"running one, or train without tracking: tracking.enabled=false"
+        ) from exc
+
+
+def limit_http_retries() -> None:
+    """MLflow retries an unreachable server for minutes per call by default; training must not stall on it."""
+    # Also bounds how long rank 0 can stall the others of a DDP job (their collective timeout is 45 s).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def is_unreachable_error(exc: BaseException) -> bool:
+    """True for an outage (no answer, connection or timeout errors, a server error, a locked database); False when
+    MLflow answered and refused the call (e.g. "Changing param values is not allowed": a config conflict)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        if exc.get_http_status_code() >= 500 and "API request" in str(exc):
+            return True  # the REST client's "API request to ... failed" after its retries
+        return exc.error_code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR") and "Changing param" not in str(exc)
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or type(exc).__name__ in (
+        "ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "MaxRetryError", "OperationalError")
+
+
+def auth_problem(exc: BaseException, action: str, where: str) -> str | None:
+    """The one-line message for a server's authentication (401) or permission (403) refusal; None otherwise."""
+    code = getattr(exc, "error_code", None)
+    if code == "UNAUTHENTICATED":
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        return (f"cannot {action}: {where} requires a login and "
+                + (f"refused user {who!r}; check MLFLOW_TRACKING_PASSWORD" if who else
+                   "none was given; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"))
+    if code == "PERMISSION_DENIED":
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no user)")
+        return (f"cannot {action}: user {who!r} lacks the permission on {where}; ask an MLflow admin for EDIT "
+                f"(or MANAGE) on the registered model, or run as a user who has it")
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_params(cfg: Any) -> dict[str, str]:
+    """The resolved config flattened into MLflow params (values cut to MLflow's 500-character limit)."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return {key: ("" if value is None else str(value)[:500]) for key, value in flatten(container).items()}

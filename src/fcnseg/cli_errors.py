@@ -37,7 +37,7 @@ def exit_on_user_error() -> Iterator[None]:
         fail(user_message(exc))
 
 
-def _one_line(exc: BaseException) -> str:
+def _hydra_one_line(exc: BaseException) -> str:
     """Hydra's multi-line message folded into one line, without the config search path dump."""
     lines = []
     for line in str(exc).splitlines():
@@ -82,5 +82,5 @@ def precheck_overrides(config_dir: str, config_name: str, argv: list[str] | None
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             compose(config_name=config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        fail(f"invalid override: {_one_line(exc)}; "
+        fail(f"invalid override: {_hydra_one_line(exc)}; "
              f"see `python -m fcnseg.train --help` for the config groups and keys")

@@ -28,3 +28,11 @@ class CheckpointError(FcnsegError):
 
 class TrackingError(FcnsegError):
     """The MLflow tracking server or model registry cannot be used."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message for the user's one line: its first non-empty line with whitespace collapsed (what
+    follows is detail: a traceback, a dump), the exception's type when it says nothing, cut at ``limit``."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    text = " ".join(first.split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

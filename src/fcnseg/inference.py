@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from fcnseg.data.classes import VOC_CLASSES
 from fcnseg.data.transforms import normalize_image
-from fcnseg.errors import CheckpointError, ConfigError, DataError
+from fcnseg.errors import CheckpointError, ConfigError, DataError, one_line
 from fcnseg.models import build_fcn, load_reference_weights
 from fcnseg.models.checkpoint import build_net
 from fcnseg.runs import resolve_tracking_uri, using_store
@@ -60,7 +60,7 @@ def _open(source, name: str) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{name}: refused as a decompression bomb (more than {MAX_IMAGE_PIXELS:,} pixels)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{name}: not a readable image ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        raise DataError(f"{name}: not a readable image ({type(exc).__name__}: {one_line(exc)})") from exc
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
 
@@ -184,7 +184,7 @@ def load_segmenter(model: str, device: str | None = None, variant: str | None = 
             with using_store(resolve_tracking_uri(tracking_uri)):
                 loaded = mlflow.pyfunc.load_model(model)
         except Exception as exc:
-            raise CheckpointError(f"cannot load MLflow model {model}: {str(exc).splitlines()[0]}; "
+            raise CheckpointError(f"cannot load MLflow model {model}: {one_line(exc)}; "
                                   f"check the name/alias with `fcnseg models`") from exc
         segmenter = loaded.unwrap_python_model().segmenter
         if device is not None or precision is not None or channels_last is not None:

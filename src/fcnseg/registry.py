@@ -38,10 +38,10 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from fcnseg.errors import TrackingError
-from fcnseg.model_card import publish_model_card
-from fcnseg.runs import auth_problem, first_line, using_store
+from fcnseg.errors import TrackingError, one_line
 from fcnseg.lineage import DVC_LOCK_PREFIX, EVAL_KEYS, GIT_COMMIT, GIT_DIRTY
+from fcnseg.model_card import publish_model_card
+from fcnseg.runs import auth_problem, using_store
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -206,7 +206,7 @@ def _as_tracking_error(action: str, client: mlflow.MlflowClient) -> Iterator[Non
         auth = auth_problem(exc, action, _registry_uri(client))
         if auth:
             raise TrackingError(auth) from exc
-        raise TrackingError(f"cannot {action} in {_registry_uri(client)}: {first_line(exc)}") from exc
+        raise TrackingError(f"cannot {action} in {_registry_uri(client)}: {one_line(exc)}") from exc
 
 
 # --- register -----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcnseg.errors import FcnsegError, TrackingError
+from fcnseg.errors import FcnsegError, TrackingError, one_line
 from fcnseg.runs import auth_problem
 
 LOCAL_KEYS = ("paths.", "tracking.tracking_uri", "tracking.run_name", "ckpt_path")
@@ -55,7 +55,7 @@ def resolve_version(client, model_uri: str):
         return client.get_model_version(match["name"], match["version"])
     except MlflowException as exc:
         auth = auth_problem(exc, f"read {model_uri}", client.tracking_uri)
-        raise TrackingError(auth or f"cannot find {model_uri}: {(str(exc).splitlines() or [''])[0]}; list "
+        raise TrackingError(auth or f"cannot find {model_uri}: {one_line(exc)}; list "
                                     f"versions with `fcnseg models {match['name']}`") from exc
 
 

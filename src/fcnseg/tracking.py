@@ -14,10 +14,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from fcnseg.errors import TrackingError
+from fcnseg.errors import TrackingError, one_line
 from fcnseg.lineage import GIT_COMMIT, data_version, git_state
 from fcnseg.runs import (
-    auth_problem, check_reachable, config_params, first_line, is_unreachable_error, limit_http_retries, project_root,
+    auth_problem, check_reachable, config_params, is_unreachable_error, limit_http_retries, project_root,
     read_run_record, resolve_tracking_uri, write_run_record,
 )
 
@@ -44,7 +44,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
                 raise TrackingError(f"MLflow refused a call to {self._tracking_uri}: "
                                     f"{' '.join(str(exc).split())[:300]}") from exc
             # the store is gone (server down, network, locked file): training matters more than logging
-            self.offline_since = f"{type(exc).__name__}: {first_line(exc)}"
+            self.offline_since = f"{type(exc).__name__}: {one_line(exc)}"
             rank_zero_warn(
                 f"MLflow tracking at {self._tracking_uri} failed ({self.offline_since[:200]}); training goes on, "
                 f"metrics go to {self.output_dir / 'metrics.csv'} and checkpoints to "
@@ -113,7 +113,7 @@ def open_run(logger, cfg: DictConfig, output_dir: Path, resumed: bool = False,
         logger.experiment
     except Exception as exc:
         raise TrackingError(auth_problem(exc, "start an MLflow run", uri)
-                            or f"cannot use MLflow tracking store {uri}: {first_line(exc)}") from exc
+                            or f"cannot use MLflow tracking store {uri}: {one_line(exc)}") from exc
     write_run_record(output_dir, logger.run_id, uri, experiment_id=logger.experiment_id)
     if not resumed or not _has_params(logger):
         log_config(logger, cfg)

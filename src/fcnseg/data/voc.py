@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES, voc_palette
-from fcnseg.errors import DataError
+from fcnseg.errors import DataError, one_line
 
 PACKAGED_SPLITS: dict[str, Path] = {"seg11valid": Path(__file__).with_name("splits") / "seg11valid.txt"}
 TRAIN_AUG = "train_aug"
@@ -57,7 +57,7 @@ def read_dataset_image(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))  # a writable copy: torch warns on read-only arrays
     except Exception as err:  # PIL's decoders raise many types on damaged bytes (found by fuzzing): all bad files
-        raise DataError(f"cannot read image {path} ({_reason(err)}); re-extract the dataset or remove the file "
+        raise DataError(f"cannot read image {path} ({one_line(err)}); re-extract the dataset or remove the file "
                         "and its id from the split") from err
 
 
@@ -100,7 +100,7 @@ def read_label(path: Path) -> np.ndarray:
     except DataError:
         raise
     except Exception as err:  # as in read_dataset_image: any decoder failure is a bad file
-        raise DataError(f"cannot read label {path} ({_reason(err)}); re-extract the dataset or remove the file "
+        raise DataError(f"cannot read label {path} ({one_line(err)}); re-extract the dataset or remove the file "
                         "and its id from the split") from err
 
 
@@ -111,17 +111,13 @@ def _read_sbd_label(path: Path) -> np.ndarray:
         # struct_as_record=False + squeeze_me: the MATLAB struct GTcls becomes an object with a .Segmentation field
         mat = loadmat(path, squeeze_me=True, struct_as_record=False, variable_names=["GTcls"])
     except Exception as err:  # scipy raises many types for a corrupt file; each is a bad data file here
-        raise DataError(f"cannot read SBD label {path} ({_reason(err)}); re-extract SBD with `fcnseg fetch --sbd`") \
+        raise DataError(f"cannot read SBD label {path} ({one_line(err)}); re-extract SBD with `fcnseg fetch --sbd`") \
             from err
     segmentation = getattr(mat.get("GTcls"), "Segmentation", None)
     if segmentation is None:
         raise DataError(f"SBD label {path} has no GTcls.Segmentation; it is not an SBD cls/*.mat file: "
                         "re-extract SBD with `fcnseg fetch --sbd`")
     return np.asarray(segmentation, dtype=np.uint8)
-
-
-def _reason(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__  # keep messages on one line
 
 
 def _read_ids(path: Path) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fcnseg.data.classes import VOC_CLASSES
-from fcnseg.errors import CheckpointError
+from fcnseg.errors import CheckpointError, one_line
 from fcnseg.models.fcn import build_fcn
 from fcnseg.models.weights import NET_PREFIX
 
@@ -65,10 +65,6 @@ def weights_only(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:limit]
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """An fcnseg checkpoint (see the module's docstring); a missing, corrupt or foreign file is a one-line
     CheckpointError."""
@@ -79,7 +75,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {_first_line(exc)}); it must be "
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {one_line(exc)}); it must be "
                               f"a .ckpt written by fcnseg train or import-weights") from exc
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not (isinstance(hparams, Mapping) and isinstance(hparams.get("net"), Mapping) and "state_dict" in checkpoint):
@@ -92,7 +88,7 @@ def load_checkpoint_state(model: nn.Module, state: Mapping[str, torch.Tensor], p
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match its recorded model: {_first_line(exc)}") from exc
+        raise CheckpointError(f"{path} does not match its recorded model: {one_line(exc)}") from exc
 
 
 def inference_net_config(checkpoint: Mapping[str, Any]) -> dict[str, Any]:

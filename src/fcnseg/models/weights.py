@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcnseg.errors import CheckpointError
+from fcnseg.errors import CheckpointError, one_line
 
 StateDictSource = str | os.PathLike | Mapping[str, torch.Tensor]
 NET_PREFIX = "net."  # where an fcnseg checkpoint (see fcnseg.models.checkpoint) holds the net's tensors
@@ -31,11 +31,6 @@ _TORCHVISION_VGG16_CONVS: dict[int, str] = {
 _TORCHVISION_VGG16_FCS: dict[int, str] = {0: "fc6", 3: "fc7"}
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _load_file(path: str | os.PathLike) -> object:
     path = Path(path)
     if not path.is_file():
@@ -44,7 +39,7 @@ def _load_file(path: str | os.PathLike) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         raise CheckpointError(
-            f"cannot read weights file {path} ({_one_line(exc)}); it must be a PyTorch state dict or checkpoint "
+            f"cannot read weights file {path} ({one_line(exc)}); it must be a PyTorch state dict or checkpoint "
             "saved with torch.save holding only tensors and plain Python containers"
         ) from exc
 
@@ -123,7 +118,7 @@ def _download_imagenet_vgg16() -> dict[str, torch.Tensor]:
         return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
     except Exception as exc:  # no network, proxy, bad cache file, hash mismatch, ...
         raise CheckpointError(
-            f"cannot get torchvision's VGG16 ImageNet weights ({_one_line(exc)}); download "
+            f"cannot get torchvision's VGG16 ImageNet weights ({one_line(exc)}); download "
             f"{VGG16_Weights.IMAGENET1K_V1.url} elsewhere and pass its local path as backbone_weights "
             "(model.net.backbone_weights=/path/to/vgg16.pth)"
         ) from exc

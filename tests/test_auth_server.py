@@ -18,8 +18,7 @@ import pytest
 from fcnseg import registry
 from fcnseg.errors import TrackingError
 from tests.test_registry import Echo
-from tests.test_reliability import stop
-from tests.test_serve import free_port
+from tests.servers import free_port, stop
 from tests.tiny import ROOT, subprocess_env, tiny_overrides, train_command
 
 pytest.importorskip("flask_wtf", reason="the basic-auth app needs mlflow[auth] (Flask-WTF)")

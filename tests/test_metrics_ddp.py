@@ -1,7 +1,5 @@
 """Metrics under real 2-process DDP (gloo, CPU): exact across ranks, no sample counted twice."""
 
-import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from torch.utils.data import DistributedSampler
 
 from fcnseg.data.samplers import UnpaddedDistributedSampler
 from fcnseg.metrics import SegmentationMetrics
+from tests.servers import free_port
 
 NUM_CLASSES = 4
 NUM_SAMPLES = 7  # odd: a padding sampler must repeat one sample to give 2 ranks 4 each
@@ -53,12 +52,6 @@ def ddp_worker(rank: int, port: int, out_file: str) -> None:
             torch.save(results, out_file)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import pytest
 
 from fcnseg import registry
 from tests.test_registry import Echo, assert_serial_history, start_promoters
-from tests.test_reliability import start_mlflow_server, stop
-from tests.test_serve import free_port
+from tests.servers import free_port, start_mlflow_server, stop
 
 EVALUATION = {"data_version": "d", "eval_split": "val", "eval_ids_sha256": "0" * 64}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,8 @@ import mlflow
 import pytest
 import torch
 
+from tests.servers import free_port, start_mlflow_server, stop
 from tests.tiny import ROOT, subprocess_env, tiny_overrides, train_command
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def final_val_metrics(out: Path) -> dict[str, float]:
@@ -147,35 +141,6 @@ def test_unreachable_tracking_server_is_reported_within_seconds(tmp_path):
     assert len(lines) == 1 and "unreachable" in lines[0] and "tracking.enabled=false" in lines[0]
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 60  # generous: the check itself has a 3 s timeout
-
-
-def start_mlflow_server(db: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{db}",
-         "--default-artifact-root", str(db.parent / "server-artifacts"), "--host", "127.0.0.1", "--port",
-         str(port), "--workers", "1"],
-        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    import urllib.request
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
-            return server
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("mlflow server did not start")
-
-
-def stop(server: subprocess.Popen) -> None:
-    import os
-
-    try:
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    server.wait()
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,10 @@ from fcnseg import registry
 from fcnseg.data.classes import VOC_CLASSES
 from fcnseg.inference import Segmenter
 from fcnseg.serving import decode_label_map, encode_image, log_pyfunc_model
+from tests.servers import free_port
 from tests.test_inference import noise_image, single_thread, single_thread_env, write_tiny_checkpoint  # noqa: F401
 
 MODEL_NAME = "fcn-test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_ping(url: str, server: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
-import socket
 import tarfile
 import threading
 from pathlib import Path
@@ -17,6 +16,7 @@ from PIL import Image
 from fcnseg.data.classes import voc_palette
 from fcnseg.data.fetch import Resource, download, safe_extract, use_local_tarball, verify
 from fcnseg.errors import FetchError
+from tests.servers import free_port
 
 # ---------------------------------------------------------------- helpers (test_prepare.py loads these too)
 
@@ -70,10 +70,7 @@ def resource_for(data: bytes, urls: list[str], filename: str = "VOCtrainval_11-M
 
 
 def closed_port_url(name: str = "x.tar") -> str:
-    with socket.socket() as sock:  # a port that was free a moment ago: connection refused
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{name}"
+    return f"http://127.0.0.1:{free_port()}/{name}"  # nothing listens there: connection refused
 
 
 class FileServer(http.server.ThreadingHTTPServer):

@@ -7,7 +7,6 @@ so ``dvc exp run -S model=fcn16s`` trains FCN-16s. Run one by hand with ``python
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from fcnseg.cli_errors import exit_on_user_error
 from fcnseg.config import CONFIG_DIR, CONFIG_NAME
 from fcnseg.errors import ConfigError, FcnsegError
-from fcnseg.runs import read_run_record
+from fcnseg.runs import read_metrics_csv, read_run_record
 
 TRAIN_DIR = Path("artifacts/train")
 BEST_CHECKPOINT = TRAIN_DIR / "checkpoints" / "best.ckpt"
@@ -67,18 +66,15 @@ def train(cfg: DictConfig) -> None:
 
 def epoch_history(metrics_csv: Path) -> list[dict[str, float]]:
     """Per-epoch rows (epoch, train/loss, val/loss, val/mean_iou, …) from Lightning's CSVLogger file."""
-    if not metrics_csv.is_file():
-        return []
     by_epoch: dict[int, dict[str, float]] = {}
-    with metrics_csv.open() as handle:
-        for row in csv.DictReader(handle):
-            if not row.get("epoch"):
-                continue
-            epoch = int(float(row["epoch"]))
-            entry = by_epoch.setdefault(epoch, {"epoch": epoch})
-            for key, value in row.items():
-                if value and (key.endswith("_epoch") or key.startswith("val/")) and "/iou/" not in key:
-                    entry[key.removesuffix("_epoch")] = float(value)
+    for row in read_metrics_csv(metrics_csv):
+        if not row.get("epoch"):
+            continue
+        epoch = int(float(row["epoch"]))
+        entry = by_epoch.setdefault(epoch, {"epoch": epoch})
+        for key, value in row.items():
+            if value and (key.endswith("_epoch") or key.startswith("val/")) and "/iou/" not in key:
+                entry[key.removesuffix("_epoch")] = float(value)
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 

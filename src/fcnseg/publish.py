@@ -7,7 +7,6 @@ Makes no collective call: under DDP, rank 0 runs it alone after the others have 
 
 from __future__ import annotations
 
-import csv
 import tempfile
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from fcnseg.errors import TrackingError
 from fcnseg.evaluate import EvaluationReport, evaluate_checkpoint, write_reports
 from fcnseg.metrics import SCALAR_KEYS
 from fcnseg.runs import (
-    check_reachable, config_params, project_root, read_run_record, resolve_tracking_uri, using_store,
-    write_run_record,
+    check_reachable, config_params, project_root, read_metrics_csv, read_run_record, resolve_tracking_uri,
+    using_store, write_run_record,
 )
 from fcnseg.serving import log_pyfunc_model
 
@@ -112,13 +111,9 @@ def sync_run(output_dir: str | Path, tracking_uri: str | None = None) -> str:
         for key, value in config_params(cfg).items():
             client.log_param(run_id, key, value)
         client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    metrics = []
-    with metrics_file.open() as handle:
-        for row in csv.DictReader(handle):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value not in (None, ""):
-                    metrics.append(Metric(key, float(value), 0, step))
+    metrics = [Metric(key, float(value), 0, int(float(row.get("step") or 0)))
+               for row in read_metrics_csv(metrics_file) for key, value in row.items()
+               if key not in ("step", "epoch") and value not in (None, "")]
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
     best = output_dir / "checkpoints" / "best.ckpt"

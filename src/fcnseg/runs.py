@@ -5,6 +5,7 @@ MLflow's failures read to a user. A leaf: every module that talks to MLflow stan
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import urllib.error
@@ -60,6 +61,16 @@ def read_run_record(output_dir: str | Path) -> dict[str, Any]:
 
 def write_run_record(output_dir: str | Path, run_id: str, tracking_uri: str, **extra: Any) -> None:
     (Path(output_dir) / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri, **extra}))
+
+
+def read_metrics_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a training dir's ``metrics.csv`` (Lightning's CSVLogger: a row per logging step, empty cells for
+    metrics not logged then); [] when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:

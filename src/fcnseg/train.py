@@ -36,6 +36,7 @@ from fcnseg.errors import CheckpointError, ConfigError
 from fcnseg.models import init_from_coarser
 from fcnseg.module import SegmentationModule
 from fcnseg.publish import log_training_outputs
+from fcnseg.runs import read_metrics_csv
 
 log = logging.getLogger(__name__)
 DEFAULT_OUTPUT_DIR = Path("artifacts/train")
@@ -71,19 +72,16 @@ def resolve_resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> st
 
 def csv_rows_before(metrics_csv: Path, checkpoint: str | None) -> list[dict[str, str]]:
     """Rows of a resumed run's metrics.csv up to its checkpoint's step (Lightning's CSVLogger deletes the file)."""
-    if not checkpoint or not metrics_csv.is_file():
+    rows = read_metrics_csv(metrics_csv) if checkpoint else []
+    if not rows:
         return []
     # mmap: only the step is read here, not the weights (Lightning loads the checkpoint itself right after)
     step = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
-    with metrics_csv.open(newline="") as handle:
-        return [row for row in csv.DictReader(handle) if row.get("step") and int(float(row["step"])) <= step]
+    return [row for row in rows if row.get("step") and int(float(row["step"])) <= step]
 
 
 def prepend_csv_rows(metrics_csv: Path, rows: list[dict[str, str]]) -> None:
-    new_rows = []
-    if metrics_csv.is_file():  # absent when the resumed run had nothing left to train
-        with metrics_csv.open(newline="") as handle:
-            new_rows = list(csv.DictReader(handle))
+    new_rows = read_metrics_csv(metrics_csv)  # none when the resumed run had nothing left to train
     fields = sorted({key for row in rows + new_rows for key in row})
     with metrics_csv.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from fcnseg import registry
 from fcnseg.data.classes import VOC_CLASSES
 from fcnseg.inference import Segmenter
 from fcnseg.serving import decode_label_map, encode_image, log_pyfunc_model
-from tests.servers import free_port
+from tests.servers import free_port, stop
 from tests.test_inference import noise_image, single_thread, single_thread_env, write_tiny_checkpoint  # noqa: F401
 
 MODEL_NAME = "fcn-test"
@@ -107,9 +106,4 @@ def test_served_champion_segments_a_posted_image(tmp_path: Path, registered_cham
         assert info.value.code in (400, 500)
         assert "row 0" in info.value.read().decode()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop(server)  # the whole process group, also when the server already exited (its error is the one raised)

@@ -62,6 +62,12 @@ def _restore_mlflow_default_uris(monkeypatch):
 
     monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
     monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
-    # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID (an id in that test's store): undone after the test
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "unset")
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID (an id in that test's store) and set_tracking_uri /
+    # set_registry_uri export theirs, which subprocesses (mlflow models serve, the CLIs) would inherit: each test's
+    # values are undone after it
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.setenv(name, "unset")
+            monkeypatch.delenv(name)

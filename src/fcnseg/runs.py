@@ -40,17 +40,13 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 @contextlib.contextmanager
 def using_store(uri: str) -> Iterator[None]:
     """MLflow's fluent calls (``start_run``, ``log_model``, ``register_model``, ``pyfunc.load_model`` of
-    ``models:/`` URIs) read a process-wide default store: point it at ``uri`` for the block, then restore it."""
-    import mlflow
+    ``models:/`` URIs) read a process-wide default store: make ``uri`` that default for the block, then put back
+    exactly what was there (MLflow's own scoped setter, which also restores ``MLFLOW_TRACKING_URI`` in the
+    environment that subprocesses inherit). The registry follows the tracking store unless the user set one."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
+    with _use_tracking_uri(uri):
         yield
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
 
 
 def read_run_record(output_dir: str | Path) -> dict[str, Any]:

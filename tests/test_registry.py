@@ -31,15 +31,13 @@ def store(tmp_path_factory):
     """One SQLite store per module with one logged pyfunc model (creating a store costs seconds)."""
     db = tmp_path_factory.mktemp("registry") / "mlflow.db"
     uri = f"sqlite:///{db}"
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("registry-tests")
-    with mlflow.start_run() as run:
-        info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=[])
+    # module-scoped: outlives the per-test reset of MLflow's defaults (conftest), so it must leave none behind
+    with using_store(uri):
+        experiment_id = mlflow.MlflowClient(uri).create_experiment("registry-tests")
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=[])
     yield {"uri": uri, "db": db, "model_uri": info.model_uri, "run_id": run.info.run_id,
            "client": registry.client_for(uri)}
-    mlflow.set_tracking_uri(previous[0])  # leave no trace of this store as MLflow's default
-    mlflow.set_registry_uri(previous[1])
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import mlflow
 import pytest
@@ -36,15 +37,20 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     assert runs.resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"  # config / --tracking-uri win
 
 
-def test_using_store_points_mlflow_at_a_store_for_the_block_only(tmp_path):
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+def test_using_store_points_mlflow_at_a_store_for_the_block_only(tmp_path, monkeypatch):
+    stale = f"sqlite:///{tmp_path / 'stale.db'}"  # what another call left as MLflow's registry default
+    mlflow.set_registry_uri(stale)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     uri = f"sqlite:///{tmp_path / 'a.db'}"
     with runs.using_store(uri):
         assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
-    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+        assert os.environ["MLFLOW_TRACKING_URI"] == uri  # what a subprocess started in the block would use
+    after = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    assert after == before and before[1] == stale and before[2] is None
     with pytest.raises(RuntimeError), runs.using_store(uri):
         raise RuntimeError("the block failed")
-    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
 
 
 def test_run_record_round_trip(tmp_path):

@@ -42,6 +42,7 @@ def train_command(overrides: list[str]) -> list[str]:
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
     # mlflow.set_experiment() in earlier tests exports MLFLOW_EXPERIMENT_ID: no test's MLflow state leaks into a child
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
+                 "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)
     return env

@@ -40,13 +40,26 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 @contextlib.contextmanager
 def using_store(uri: str) -> Iterator[None]:
     """MLflow's fluent calls (``start_run``, ``log_model``, ``register_model``, ``pyfunc.load_model`` of
-    ``models:/`` URIs) read a process-wide default store: make ``uri`` that default for the block, then put back
-    exactly what was there (MLflow's own scoped setter, which also restores ``MLFLOW_TRACKING_URI`` in the
-    environment that subprocesses inherit). The registry follows the tracking store unless the user set one."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    ``models:/`` URIs) read a process-wide default tracking and registry store: make ``uri`` both for the block,
+    then put back exactly what was there, environment included (``mlflow.set_*_uri`` export
+    ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``, which later subprocesses would inherit)."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
 
-    with _use_tracking_uri(uri):
+    saved = (tracking_state._tracking_uri, registry_state._registry_uri,
+             {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
         yield
+    finally:
+        tracking_state._tracking_uri, registry_state._registry_uri = saved[0], saved[1]
+        for name, value in saved[2].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def read_run_record(output_dir: str | Path) -> dict[str, Any]:

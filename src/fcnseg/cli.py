@@ -142,6 +142,14 @@ def import_weights(args: argparse.Namespace) -> None:
               f"promote with: fcnseg promote {args.register} {version}")
 
 
+def _registry_client(args: argparse.Namespace):
+    """The registry of ``--tracking-uri`` (else $MLFLOW_TRACKING_URI, else the project's SQLite store)."""
+    from fcnseg import registry
+    from fcnseg.runs import resolve_tracking_uri
+
+    return registry.client_for(resolve_tracking_uri(args.tracking_uri))
+
+
 def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="registered model name, e.g. fcn-voc")
     p.add_argument("version", help="the version to make champion")
@@ -156,9 +164,8 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 @_configure(_promote_args)
 def promote(args: argparse.Namespace) -> None:
     from fcnseg import registry
-    from fcnseg.runs import resolve_tracking_uri
 
-    client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
+    client = _registry_client(args)
     decision = registry.promote(args.name, args.version, force=args.force, client=client,
                                 per_class_margin=args.per_class_margin)
     print(decision.report())
@@ -173,9 +180,8 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 @_configure(_models_args)
 def models(args: argparse.Namespace) -> None:
     from fcnseg import registry
-    from fcnseg.runs import resolve_tracking_uri
 
-    client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
+    client = _registry_client(args)
     rows = registry.list_versions(args.name, client=client)
     print(f"{'version':>7}  {'aliases':<20}  {'val mIoU':>8}  {'data version':<12}  {'eval split':<22}  git commit")
     for row in rows:
@@ -202,11 +208,10 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
 @command("reproduce", "print (or --run) the exact commands that rebuild a registered version")
 @_configure(_reproduce_args)
 def reproduce(args: argparse.Namespace) -> None:
-    from fcnseg import registry
     from fcnseg.reproduce import plan, run_plan
-    from fcnseg.runs import project_root, resolve_tracking_uri
+    from fcnseg.runs import project_root
 
-    client = registry.client_for(resolve_tracking_uri(args.tracking_uri))
+    client = _registry_client(args)
     steps = plan(client, args.model, project_root())
     print(steps.script())
     if args.execute:

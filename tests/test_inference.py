@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fcnseg import inference
+from fcnseg import image_io, inference
 from fcnseg.models.checkpoint import save_net_checkpoint
 from fcnseg.data.classes import VOC_CLASSES
 from fcnseg.errors import DataError
@@ -156,7 +156,7 @@ def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(DataError, match="decompression bomb"):
         read_image(path)
     # between the limit and twice the limit PIL only warns: that must be refused too
-    monkeypatch.setattr(inference, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(image_io, "MAX_IMAGE_PIXELS", 100)
     (tmp_path / "small.png").write_bytes(_encode(Image.new("RGB", (12, 12))))  # 144 pixels: 1x-2x the limit
     with pytest.raises(DataError, match="decompression bomb"):
         read_image(tmp_path / "small.png")

@@ -117,7 +117,7 @@ def test_model_loads_and_predicts_where_fcnseg_is_not_importable(tmp_path: Path,
     # the fcnseg that ran is the model's own copy, not this checkout
     assert not result["fcnseg_file"].startswith(str(SRC)) and "/code/fcnseg/" in result["fcnseg_file"]
     assert not result["sys_path_has_src"]
-    assert result["columns"] == ["mask", "height", "width", "class_pixels"]
+    assert result["columns"] == ["mask", "height", "width", "class_pixels", "error"]
     image = np.random.default_rng(1).integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
     expected = Segmenter.from_checkpoint(portable_model["checkpoint"], device="cpu").predict(image)
     assert np.array_equal(decode_label_map(result["mask"]), expected)

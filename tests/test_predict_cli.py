@@ -133,3 +133,46 @@ def test_predict_user_errors_are_one_line_exit_2(tmp_path: Path, checkpoint: Pat
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert ("empty" if case == "empty dir" else "nope") in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_reports_broken_and_looping_links_like_unreadable_files(tmp_path: Path, checkpoint: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(noise_image(16, 16)).save(photos / "ok.png")
+    (photos / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # broken: target missing
+    (photos / "loop.png").symlink_to(photos / "loop.png")  # loops onto itself
+    (tmp_path / "named_loop.jpg").symlink_to(tmp_path / "named_loop.jpg")
+    result = run_predict(str(photos), str(tmp_path / "named_loop.jpg"), "--model", str(checkpoint),
+                         "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in stderr_lines(result.stderr) if line.startswith("error: ")]
+    assert any("gone.jpg" in line and "broken symbolic link" in line for line in lines), result.stderr
+    assert any("loop.png" in line and "symbolic link loop" in line for line in lines), result.stderr
+    assert any("named_loop.jpg" in line and "symbolic link loop" in line for line in lines), result.stderr
+    assert "no such file" not in result.stderr and "Traceback" not in result.stderr
+    assert "segmented 1 image(s)" in result.stdout and "skipped 3" in result.stdout
+    assert_label_png(tmp_path / "out" / "ok.png", (16, 16))
+
+
+@pytest.mark.parametrize("case", ["out is a file", "out under a file", "read-only out"])
+def test_predict_checks_out_is_writable_before_loading_the_model(tmp_path: Path, case: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The model path does not even exist: the --out check must come first (it is what the one line names)."""
+    import os
+
+    from fcnseg.cli import main
+
+    Image.fromarray(noise_image(8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "file").write_text("a file, not a directory")
+    out = {"out is a file": tmp_path / "file", "out under a file": tmp_path / "file" / "sub",
+           "read-only out": tmp_path / "ro" / "out"}[case]
+    if case == "read-only out":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories; the two file cases cover the check as root")
+        (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(SystemExit) as info:
+        main(["predict", str(tmp_path / "ok.png"), "--model", str(tmp_path / "no-model.ckpt"), "--out", str(out)])
+    assert info.value.code == 2
+    lines = stderr_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(f"error: --out {out}: cannot write there"), lines
+    assert "no-model" not in lines[0]

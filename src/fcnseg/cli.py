@@ -95,8 +95,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 @_configure(_predict_args)
 def predict(args: argparse.Namespace) -> None:
     from fcnseg.inference import load_segmenter
-    from fcnseg.predict import predict_files
+    from fcnseg.predict import check_writable, predict_files
 
+    check_writable(args.out)  # before the model loads: an unwritable --out must not cost a model load
     segmenter = load_segmenter(args.model, device=args.device, variant=args.variant, tracking_uri=args.tracking_uri)
     summary = predict_files(args.inputs, segmenter, args.out, batch_size=args.batch_size, tile_size=args.tile_size)
     print(f"segmented {len(summary.written)} image(s) into {args.out}"

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import os
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from fcnseg.data.classes import VOC_CLASSES
 from fcnseg.data.transforms import normalize_image
-from fcnseg.errors import CheckpointError, ConfigError, DataError, one_line
+from fcnseg.errors import CheckpointError, ConfigError, one_line
+from fcnseg.image_io import MAX_IMAGE_PIXELS, read_image, read_image_bytes  # noqa: F401 (re-exported)
 from fcnseg.models import build_fcn, load_reference_weights
 from fcnseg.models.checkpoint import build_net
 from fcnseg.runs import resolve_tracking_uri, using_store
 
-MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused as decompression bombs
 PRECISIONS = ("fp32", "bf16")
 # Overrides the default precision of every Segmenter (predict, evaluate, serving): fp32 or bf16.
 PRECISION_ENV = "FCNSEG_INFERENCE_PRECISION"
@@ -29,50 +26,6 @@ def default_precision(device: torch.device) -> str:
     """bf16 autocast on CUDA (tensor cores; argmax fidelity tested against fp32), fp32 elsewhere (a CPU without
     native bf16 emulates it, >10x slower); ``$FCNSEG_INFERENCE_PRECISION`` overrides both."""
     return os.environ.get(PRECISION_ENV) or ("bf16" if device.type == "cuda" else "fp32")
-
-
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    """Grayscale, palette, RGBA, CMYK and 16-bit images as HxWx3 uint8 RGB."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # composite on white, not black
-        image = Image.alpha_composite(background, image)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def _open(source, name: str) -> np.ndarray:
-    previous_limit = Image.MAX_IMAGE_PIXELS  # PIL's limit is process-wide: ours applies to our reads only
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                image.load()
-                # cameras store pixels sideways with an EXIF orientation tag; segment the picture as displayed
-                return _to_rgb(ImageOps.exif_transpose(image))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"{name}: refused as a decompression bomb (more than {MAX_IMAGE_PIXELS:,} pixels)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{name}: not a readable image ({type(exc).__name__}: {one_line(exc)})") from exc
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous_limit
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB; DataError naming the file when it cannot be read."""
-    return _open(path, str(path))
-
-
-def read_image_bytes(data: bytes, name: str = "image") -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, …) as HxWx3 uint8 RGB."""
-    return _open(io.BytesIO(data), name)
 
 
 class Segmenter:

@@ -5,8 +5,10 @@ Used by ``fcnseg predict``. An unreadable file is reported by name and skipped; 
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +32,43 @@ class PredictSummary:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
 
 
-def collect_inputs(inputs: list[str | Path], exclude: Path | None = None) -> list[tuple[Path, Path]]:
+def link_problem(path: Path) -> str | None:
+    """Why a symbolic link cannot be read (a loop, a missing target), or None when it is not a dead link."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path}: symbolic link loop (it points back to itself)"
+        return f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
+    return None
+
+
+def check_writable(out_dir: str | Path) -> Path:
+    """A DataError in one line unless ``out_dir`` can be created and written (probed with a temporary directory
+    in it, or in its nearest existing parent, removed at once), so an unwritable ``--out`` is found before the
+    model loads; creates nothing."""
+    out_dir = Path(out_dir)
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists() or p.is_symlink())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is not a directory")
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".fcnseg-write-test-"))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise DataError(f"--out {out_dir}: cannot write there ({existing} {reason.lower()}); pass a writable "
+                        f"directory with --out") from None
+    return out_dir
+
+
+def collect_inputs(inputs: list[str | Path], exclude: Path | None = None,
+                   unreadable: list[tuple[Path, str]] | None = None) -> list[tuple[Path, Path]]:
     """(file, output stem relative to the output dir) for each file given or image file found in a directory.
+
+    Broken and looping symbolic links (given by name, or in a directory with an image suffix or none) go to
+    ``unreadable`` as (path, reason), to be reported like other unreadable files; without that list they are an
+    error.
 
     Files under ``exclude`` (the output dir) are left out, so a re-run does not segment its own outputs. Two
     inputs that would write the same output (``a.jpg`` and ``a.png``, or ``x/a.jpg`` and ``y/a.jpg`` given by
@@ -39,16 +76,26 @@ def collect_inputs(inputs: list[str | Path], exclude: Path | None = None) -> lis
     """
     excluded = exclude.resolve() if exclude is not None else None
     found: list[tuple[Path, Path]] = []
+    dead: list[tuple[Path, str]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not (excluded and excluded in p.resolve().parents))
+            entries = sorted(item.rglob("*"))
+            files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                     and not (excluded and excluded in p.resolve().parents)]
             found += [(p, p.relative_to(item).with_suffix("")) for p in files]
+            dead += [(p, problem) for p in entries if p.suffix.lower() in IMAGE_SUFFIXES | {""}
+                     and (problem := link_problem(p))]
         elif item.exists():
             found.append((item, Path(item.stem)))  # given by name: always tried, whatever its suffix
+        elif problem := link_problem(item):
+            dead.append((item, problem))
         else:
             raise DataError(f"{item}: no such file or directory")
-    if not found:
+    if dead and unreadable is None:
+        raise DataError(dead[0][1])
+    if unreadable is not None:
+        unreadable += dead
+    if not found and not dead:
         raise DataError(f"no image files in {', '.join(map(str, inputs))} "
                         f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     counts: dict[Path, int] = {}
@@ -71,9 +118,13 @@ def write_outputs(image: np.ndarray, label_map: np.ndarray, stem: Path, out_dir:
                   class_names: list[str]) -> tuple[Path, Path]:
     mask_path = out_dir / stem.parent / f"{stem.name}.png"  # not with_suffix: "a.b" stays "a.b"
     overlay_path = out_dir / stem.parent / f"{stem.name}_overlay.png"
-    mask_path.parent.mkdir(parents=True, exist_ok=True)
-    save_label_png(label_map, mask_path)
-    Image.fromarray(overlay(image, label_map, class_names=class_names)).save(overlay_path)
+    try:
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        save_label_png(label_map, mask_path)
+        Image.fromarray(overlay(image, label_map, class_names=class_names)).save(overlay_path)
+    except OSError as exc:  # the disk filled up, the directory went away: one line, not a thread's traceback
+        raise DataError(f"cannot write {mask_path} ({exc.strerror or type(exc).__name__}); "
+                        f"check the space and permissions of --out") from None
     return mask_path, overlay_path
 
 
@@ -94,9 +145,11 @@ def predict_files(inputs: list[str | Path], segmenter: Segmenter, out_dir: str |
     accelerator is not left waiting on the CPU. At most one batch ahead is read and two behind are pending, so
     memory stays bounded. Outputs and messages come in input order.
     """
-    out_dir = Path(out_dir)
-    files = collect_inputs(inputs, exclude=out_dir)
+    out_dir = check_writable(out_dir)
     summary = PredictSummary()
+    files = collect_inputs(inputs, exclude=out_dir, unreadable=summary.skipped)
+    for _, reason in summary.skipped:
+        print(f"error: {reason}; skipped", file=sys.stderr)
     show = progress if progress is not None else len(files) > 1
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not show, file=sys.stderr)
     workers = io_threads or max(1, min(8, os.cpu_count() or 1))

@@ -5,14 +5,13 @@ The logged model is self-contained: it carries the few fcnseg modules inference 
 ``state_dict``, its hyperparameters, normalisation and class names; no optimiser state) and requirements that all
 install from PyPI, pinned to the versions it was logged with (never ``fcnseg``). So it loads where this checkout
 is absent: ``mlflow models serve -m models:/fcn-voc@champion`` (MLflow builds the environment) or a Docker image
-from ``mlflow models build-docker``. Its request is ``{"dataframe_records": [{"image": "<base64 PNG or JPEG>"}]}``.
+from ``mlflow models build-docker``. Its request is ``{"dataframe_records": [{"image": "<base64 PNG or JPEG>"}]}``;
+its answer one row per image (``mask``, ``height``, ``width``, ``class_pixels``, ``error``: see
+:mod:`fcnseg.serving_io`, shared with the ONNX model of :mod:`fcnseg.export`).
 """
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import shutil
 import tempfile
 from importlib.metadata import packages_distributions
@@ -22,71 +21,36 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
-from PIL import Image
 
-from fcnseg.data.voc import save_label_png
-from fcnseg.errors import FcnsegError
-from fcnseg.inference import Segmenter, read_image_bytes
+from fcnseg.inference import Segmenter
 from fcnseg.models.checkpoint import atomic_torch_save, read_checkpoint, weights_only
-
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "image")]),
-    outputs=Schema([
-        ColSpec("string", "mask"),
-        ColSpec("long", "height"),
-        ColSpec("long", "width"),
-        ColSpec("string", "class_pixels"),
-    ]),
-)
-
-
-def encode_image(image: np.ndarray | Image.Image, format: str = "PNG") -> str:
-    """An image as a base64 string, the pyfunc's input format."""
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    buffer = io.BytesIO()
-    pil.save(buffer, format=format)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def decode_label_map(mask_b64: str) -> np.ndarray:
-    """The label map (HxW uint8 class indices) from the pyfunc's ``mask`` column."""
-    return np.array(Image.open(io.BytesIO(base64.b64decode(mask_b64))))
+from fcnseg.serving_guard import install as install_guard
+from fcnseg.serving_io import (SIGNATURE, ForwardCost, Limits, answer_rows, decode_label_map,  # noqa: F401
+                               encode_image)
 
 
 class FCNSegmenter(mlflow.pyfunc.PythonModel):
-    """Loads the fcnseg checkpoint logged with the model and segments whole images of any size."""
+    """Loads the fcnseg checkpoint logged with the model and segments whole images of any size; one answer row per
+    image (:func:`fcnseg.serving_io.answer_rows`), behind :mod:`fcnseg.serving_guard` when served."""
 
     def load_context(self, context) -> None:
+        self.limits = Limits.from_env()
+        install_guard(self.limits.max_request_bytes)
         # "checkpoint": models logged before the weights-only format (a whole training checkpoint)
         self.segmenter = Segmenter.from_checkpoint(context.artifacts.get("weights") or context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        rows = []
-        for index, encoded in enumerate(model_input["image"]):
-            try:
-                image = read_image_bytes(base64.b64decode(encoded), name=f"row {index}")
-            except (ValueError, TypeError) as exc:
-                raise FcnsegError(f"row {index}: 'image' is not base64-encoded image data ({exc})") from exc
-            label_map = self.segmenter.predict(image)
-            buffer = io.BytesIO()
-            save_label_png(label_map, buffer)
-            counts = np.bincount(label_map.ravel(), minlength=len(self.segmenter.class_names))
-            class_pixels = {name: int(c) for name, c in zip(self.segmenter.class_names, counts) if c}
-            rows.append({
-                "mask": base64.b64encode(buffer.getvalue()).decode("ascii"),
-                "height": label_map.shape[0],
-                "width": label_map.shape[1],
-                "class_pixels": json.dumps(class_pixels),
-            })
-        return pd.DataFrame(rows, columns=["mask", "height", "width", "class_pixels"])
+        segmenter = self.segmenter
+        cost = ForwardCost(segmenter.net.conv1_1.out_channels, len(segmenter.class_names))
+        limits = getattr(self, "limits", None) or Limits.from_env()
+        return answer_rows(model_input["image"], segmenter.predict, segmenter.class_names, cost, limits)
 
 
 # What the model's code needs at inference (checked by tests/test_model_portability.py, which loads the model in a
 # Python where the project is not importable): paths relative to the fcnseg package.
 BUNDLED_MODULES = (
-    "__init__.py", "errors.py", "serving.py", "inference.py", "viz.py",
+    "__init__.py", "errors.py", "serving.py", "inference.py", "viz.py", "image_io.py", "serving_io.py",
+    "serving_guard.py",
     "data/__init__.py", "data/classes.py", "data/transforms.py", "data/voc.py",
     "models/__init__.py", "models/fcn.py", "models/weights.py", "models/checkpoint.py", "runs.py",
 )

@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from fcnseg import registry
+from fcnseg.registry.locks import server_lock
 from tests.test_registry import Echo, assert_serial_history, start_promoters
 from tests.servers import free_port, start_mlflow_server, stop
 
@@ -50,7 +51,7 @@ def test_a_promotion_waits_for_the_lock_another_holds(server, tmp_path) -> None:
     name = "fcn-http-wait"
     v1, v2 = add(server, name, 0.5), add(server, name, 0.6)
     registry.promote(name, v1, client=server["client"])
-    with registry._server_lock(server["client"], name):  # another promoter, mid read-compare-set
+    with server_lock(server["client"], name):  # another promoter, mid read-compare-set
         [process] = start_promoters(tmp_path, server["uri"], name, (v2,))  # imported, connected: promote is next
         time.sleep(5)  # an unlocked promotion takes well under a second from here
         assert process.poll() is None, process.communicate()

@@ -106,6 +106,31 @@ def predict(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, a .ckpt, or a pytorch-fcn .pth")
+    p.add_argument("--variant", default="fcn8s", help="net of a pytorch-fcn .pth: fcn32s, fcn16s, fcn8s, fcn8s_atonce")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+    p.add_argument("--out", default="model.onnx", help="file to write (default: model.onnx)")
+    p.add_argument("--register", metavar="NAME", help="also log it as a torch-free MLflow model, registered as NAME")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db")
+
+
+@command("export", "an ONNX model (dynamic size, parity-checked against PyTorch), optionally registered")
+@_configure(_export_args)
+def export(args: argparse.Namespace) -> None:
+    from fcnseg.export import export_and_register
+    from fcnseg.inference import load_segmenter
+
+    segmenter = load_segmenter(args.model, device="cpu", variant=args.variant, precision="fp32",
+                               channels_last=False, tracking_uri=args.tracking_uri)
+    parity, version = export_and_register(segmenter, args.out, args.register, args.model, args.tracking_uri)
+    print(f"wrote {args.out}: parity with PyTorch over {len(parity.sizes)} sizes: argmax agreement "
+          f"{parity.argmax_agreement:.5f}, max abs logit difference {parity.max_abs_diff:.2e}")
+    if version is not None:
+        print(f"registered {args.register} version {version}; serve it with: "
+              f"mlflow models serve -m models:/{args.register}/{version}")
+
+
 def _import_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SRC.pth", help="a wkentaro/pytorch-fcn checkpoint (e.g. fcn8s_from_caffe.pth)")
     p.add_argument("--variant", required=True, help="fcn32s, fcn16s, fcn8s or fcn8s_atonce")

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fcnseg.errors import ConfigError, TrackingError
-from fcnseg.train import check_resume_config, config_differences
+from fcnseg.run_dir import check_resume_config, config_differences
 from tests.tiny import ROOT, subprocess_env, tiny_overrides, train_command
 
 

@@ -53,13 +53,6 @@ def test_using_store_points_mlflow_at_a_store_for_the_block_only(tmp_path, monke
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
 
 
-def test_run_record_round_trip(tmp_path):
-    assert runs.read_run_record(tmp_path) == {}
-    runs.write_run_record(tmp_path, "abc", "sqlite:///m.db", experiment_id="7")
-    assert runs.read_run_record(tmp_path) == {"run_id": "abc", "tracking_uri": "sqlite:///m.db", "experiment_id": "7"}
-    assert (tmp_path / runs.RUN_FILE).is_file()
-
-
 def test_unreachable_server_fails_fast_in_one_line():
     uri = "http://127.0.0.1:9"  # discard port: nothing answers
     with pytest.raises(TrackingError) as info:

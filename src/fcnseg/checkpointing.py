@@ -1,13 +1,15 @@
 """Lightning's side of checkpoints: atomic writes (a kill during a save leaves the previous checkpoint intact and
-usable) and the RNG states a resumed run needs. The format itself is :mod:`fcnseg.models.checkpoint`'s."""
+usable), the RNG states a resumed run needs, and callback state without absolute paths (a run dir moved or pulled
+elsewhere resumes). The format itself is :mod:`fcnseg.models.checkpoint`'s."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fcnseg.models.checkpoint import atomic_torch_save
@@ -50,3 +52,42 @@ class RngStateCheckpoint(Callback):
         if self._pending is not None:
             _set_rng_states(self._pending)
             self._pending = None
+
+
+_CHECKPOINT_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+class RelocatableCheckpoints(Callback):
+    """Stores every ModelCheckpoint's state with paths relative to its own ``dirpath`` and maps them back to the
+    callback's current ``dirpath`` on resume.
+
+    Lightning writes them absolute (``best_model_path``, ``best_k_models``, ``dirpath``), and a resumed run in
+    another directory keeps the old ``best_model_path`` (a teammate's pulled run pointed at the other machine's
+    path). Its own ``on_save_checkpoint``/``on_load_checkpoint`` run after the callbacks' ``state_dict`` and before
+    their ``load_state_dict``, so it rewrites what they store without changing them.
+    """
+
+    @staticmethod
+    def _states(trainer, checkpoint: dict[str, Any]):
+        for callback in trainer.checkpoint_callbacks:
+            state = (checkpoint.get("callbacks") or {}).get(callback.state_key)
+            if isinstance(callback, ModelCheckpoint) and isinstance(state, dict) and callback.dirpath:
+                yield callback, state
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        for callback, state in self._states(trainer, checkpoint):
+            relative = lambda path: os.path.relpath(path, callback.dirpath) if path else path  # noqa: E731
+            for key in _CHECKPOINT_PATHS:
+                state[key] = relative(state.get(key))
+            state["best_k_models"] = {relative(path): score for path, score in state.get("best_k_models", {}).items()}
+            state["dirpath"] = "."
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        for callback, state in self._states(trainer, checkpoint):
+            if state.get("dirpath") != ".":  # written before this callback existed: Lightning's own rules apply
+                continue
+            here = lambda path: os.path.join(callback.dirpath, path) if path else path  # noqa: E731
+            for key in _CHECKPOINT_PATHS:
+                state[key] = here(state.get(key))
+            state["best_k_models"] = {here(path): score for path, score in state.get("best_k_models", {}).items()}
+            state["dirpath"] = callback.dirpath

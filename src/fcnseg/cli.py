@@ -252,7 +252,7 @@ def _sync_run_args(p: argparse.ArgumentParser) -> None:
 @command("sync-run", "log a training run made while MLflow was unreachable (metrics, checkpoint, model)")
 @_configure(_sync_run_args)
 def sync_run(args: argparse.Namespace) -> None:
-    from fcnseg.publish import sync_run as sync
+    from fcnseg.run_dir import sync_run as sync
 
     print(f"logged {args.output_dir} as MLflow run {sync(args.output_dir, args.tracking_uri)}")
 

@@ -8,14 +8,16 @@ to rebuild a version (``fcnseg reproduce``).
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from fcnseg.data.voc import COMPLETE_MARKER, VOCSegmentation
-from fcnseg.runs import project_root
 
 GIT_COMMIT, GIT_DIRTY = "git_commit", "git_dirty"
+# A DVC experiment (`dvc exp run`, --temp, --queue): DVC passes its name and baseline to every stage it runs
+EXP_NAME, EXP_BASELINE, EXP_COMMIT = "dvc_exp_name", "dvc_exp_baseline", "dvc_exp_commit"
 DVC_LOCK_PREFIX = "dvc_lock."
 EVAL_KEYS = ("data_version", "eval_split", "eval_ids_sha256")  # an evaluation set: all three must match
 TAG_LIMIT = 5000  # MLflow's limit on a tag value
@@ -29,14 +31,59 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-def git_state(root: str | Path) -> dict[str, str]:
-    """``git_commit`` (HEAD) and ``git_dirty`` ("true" when tracked files differ from HEAD); {} outside git."""
+def dvc_experiment() -> dict[str, str]:
+    """The DVC experiment this process runs in (``dvc_exp_name``, ``dvc_exp_baseline``); {} under ``dvc repro`` or
+    outside DVC."""
+    name, baseline = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
+    return {EXP_NAME: name, EXP_BASELINE: baseline} if name and baseline else {}
+
+
+def exp_ref(baseline: str, name: str) -> str:
+    """The git ref DVC commits an experiment to once it has run (what `dvc exp push/pull/apply` move)."""
+    return f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+
+
+def exp_commit(root: str | Path, baseline: str, name: str) -> str | None:
+    """The experiment's commit, when its ref is in the git repository at ``root``; else None."""
+    found = _git(Path(root), "rev-parse", "--verify", "--quiet", f"{exp_ref(baseline, name)}^{{commit}}")
+    return found.strip() if found and found.strip() else None
+
+
+def dvc_applied_paths(root: str | Path) -> list[str]:
+    """What a DVC experiment writes into the workspace itself: params files, ``dvc.lock`` and every stage's
+    outputs (paths relative to the project root). Changes there are the experiment, not a dirty tree."""
+    from dvc.repo import Repo
+
+    repo = Repo(str(root))
+    try:
+        paths = {"dvc.lock"} | {os.path.relpath(out.fs_path, repo.root_dir) for out in repo.index.outs}
+        for stage in repo.index.stages:
+            paths |= {os.path.relpath(dep.fs_path, repo.root_dir) for dep in getattr(stage, "params", [])}
+        return sorted(paths)
+    finally:
+        repo.close()
+
+
+def git_state(root: str | Path, experiment: dict[str, str] | None = None) -> dict[str, str]:
+    """``git_commit`` (HEAD) and ``git_dirty`` ("true" when tracked files differ from HEAD); {} outside git.
+
+    Inside a DVC experiment (``experiment``, default :func:`dvc_experiment`) the changes DVC applied (params, lock,
+    outputs) do not count as dirty, any other change does; the experiment's name and baseline are added."""
     root = Path(root)
     commit = (_git(root, "rev-parse", "HEAD") or "").strip()
     if not commit:
         return {}
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return {GIT_COMMIT: commit, GIT_DIRTY: "unknown" if status is None else str(bool(status.strip())).lower()}
+    experiment = dvc_experiment() if experiment is None else experiment
+    excluded: list[str] = []
+    if experiment:
+        try:
+            excluded = [f":(top,exclude){path}" for path in dvc_applied_paths(root)]
+        except Exception:  # no readable DVC project here: count every change
+            excluded = []
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ":(top).",
+                  *excluded)
+    state = {GIT_COMMIT: commit, GIT_DIRTY: "unknown" if status is None else str(bool(status.strip())).lower()}
+    return {**state, **experiment}
 
 
 def dvc_lock_hashes(root: str | Path) -> dict[str, str]:
@@ -55,13 +102,22 @@ def dvc_lock_hashes(root: str | Path) -> dict[str, str]:
     return tags
 
 
+def workspace_root(start: Path | None = None) -> Path:
+    """The DVC workspace this process runs in: the nearest directory holding dvc.yaml (a temporary experiment's
+    copy counts as its own workspace, unlike :func:`fcnseg.runs.project_root`)."""
+    here = (start or Path.cwd()).resolve()
+    return next((c for c in (here, *here.parents) if (c / "dvc.yaml").is_file()), here)
+
+
 def data_version(data_root: str | Path) -> str:
     """The dataset's version: DVC's hash of the prepared data when dvc.lock has it, else a hash of its marker.
 
     Models are only compared (promotion) when trained and evaluated on the same data version.
     """
     data_root = Path(data_root)
-    root = project_root()
+    # The lock of the workspace this runs in: a `--temp`/`--queue` experiment's own copy, whose lock holds its own
+    # prepare stage's hash (the main project's lock names paths in another directory, and would never match).
+    root = workspace_root()
     lock = root / "dvc.lock"
     if lock.is_file():
         import yaml

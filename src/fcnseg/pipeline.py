@@ -15,11 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.cli_errors import exit_on_user_error
 from fcnseg.config import CONFIG_DIR, CONFIG_NAME
-from fcnseg.errors import ConfigError, FcnsegError
-from fcnseg.runs import read_metrics_csv, read_run_record
+from fcnseg.errors import CheckpointError, ConfigError, FcnsegError
+from fcnseg.run_dir import RunDir
+from fcnseg.runs import read_metrics_csv
 
 TRAIN_DIR = Path("artifacts/train")
-BEST_CHECKPOINT = TRAIN_DIR / "checkpoints" / "best.ckpt"
+BEST_CHECKPOINT = RunDir(TRAIN_DIR).best
 METRICS_FILE = Path("metrics.json")
 PLOTS_DIR = Path("plots")
 REGISTER_FILE = Path("artifacts/register.json")
@@ -39,29 +40,68 @@ def prepare(cfg: DictConfig) -> None:
     prepare_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.paths.data_dir)
 
 
+def check_backbone(cfg: DictConfig) -> None:
+    """The backbone weights training will load are there (torchvision's ImageNet VGG16 fetched into torch's cache,
+    or a local file), else one line: checked before the stage touches the previous run."""
+    weights = cfg.model.net.get("backbone_weights")
+    if weights is None:
+        return
+    if weights != "imagenet":
+        if not Path(str(weights)).is_file():
+            raise CheckpointError(f"model.net.backbone_weights={weights} does not exist; pass a VGG16 state dict, "
+                                  f"'imagenet' (torchvision's, downloaded once) or null (random init)")
+        return
+    import torch
+    from torchvision.models import VGG16_Weights
+
+    url = VGG16_Weights.IMAGENET1K_V1.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if cached.is_file():
+        return
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached), progress=True)
+    except Exception as exc:  # offline, proxy, ...
+        from fcnseg.errors import one_line
+
+        raise CheckpointError(
+            f"cannot get torchvision's VGG16 ImageNet weights ({one_line(exc, 120)}); nothing was changed. Download "
+            f"{url} elsewhere and pass its path (-S model.net.backbone_weights=/path/vgg16.pth), or train from "
+            f"scratch (-S model.net.backbone_weights=null)") from exc
+
+
 def train(cfg: DictConfig) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
-    from fcnseg.train import RUN_CONFIG, config_differences, train as run_training
+    from fcnseg import run_dir
+    from fcnseg.train import train as run_training
 
-    # The stage's outputs persist, so an interrupted `dvc repro` resumes from last.ckpt. DVC re-runs this stage when
-    # its params change: a run of another config is then started over (said, not silent), never resumed.
-    # Under trainer=ddp Lightning re-runs this command for the other local ranks (torchrun/SLURM start one per rank):
-    # only rank 0 (known from the launcher's environment) touches the files.
-    recorded = TRAIN_DIR / RUN_CONFIG
-    if rank_zero_only.rank == 0 and TRAIN_DIR.exists():
-        differing = (config_differences(OmegaConf.to_container(OmegaConf.load(recorded)),
-                                        OmegaConf.to_container(cfg, resolve=True))
-                     if recorded.is_file() else ["(no recorded config)"])
-        if differing:
-            print(f"{TRAIN_DIR} holds a run of another config (differs in: {', '.join(differing[:8])}); "
-                  f"starting over", flush=True)
-            shutil.rmtree(TRAIN_DIR)
-    cfg.tracking.evaluate_after_training = False  # the evaluate stage evaluates and logs into the run, once
-    result = run_training(cfg, output_dir=TRAIN_DIR)
-    best = Path(result["best_checkpoint"])
-    if rank_zero_only.rank == 0 and best.resolve() != BEST_CHECKPOINT.resolve():
-        shutil.copy2(best, BEST_CHECKPOINT)
+    # The stage's outputs persist, so an interrupted `dvc repro` resumes from last.ckpt. `dvc exp run` (workspace,
+    # --temp, --queue) first restores HEAD's outputs, so the stage also keeps its resumable state in a stash outside
+    # the workspace, keyed by what it trains; an interrupted experiment, rerun, resumes from there. A run of another
+    # config is started over (said, not silent), never resumed; the old run is set aside until the new one has a
+    # checkpoint. Under trainer=ddp Lightning re-runs this command for the other local ranks (torchrun/SLURM start one
+    # per rank): only rank 0 (known from the launcher's environment) touches the files.
+    run = RunDir(TRAIN_DIR)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    stash, aside = run_dir.stash_for(config), None
+    if rank_zero_only.rank == 0:
+        check_backbone(cfg)
+        aside = run_dir.start_stage_run(run, stash, config)
+    try:
+        run_training(cfg, output_dir=TRAIN_DIR, evaluate=False,  # the evaluate stage evaluates, once
+                     extra_callbacks=[run_dir.keeper_callback(stash, run, aside)])
+    except BaseException:
+        if rank_zero_only.rank == 0:
+            run_dir.restore_aside(run, aside)
+        raise
+    if rank_zero_only.rank == 0:
+        result = run.read_result()
+        best = Path(result["best_checkpoint"])
+        if best.resolve() != run.best.resolve():
+            shutil.copy2(best, run.best)
+        run_dir.drop(stash)
+        run_dir.drop(aside)
 
 
 def epoch_history(metrics_csv: Path) -> list[dict[str, float]]:
@@ -79,54 +119,48 @@ def epoch_history(metrics_csv: Path) -> list[dict[str, float]]:
 
 
 def evaluate(cfg: DictConfig) -> None:
+    from fcnseg import run_dir
     from fcnseg.evaluate import evaluate_checkpoint, print_report, write_reports
 
-    if not BEST_CHECKPOINT.is_file():
-        raise FcnsegError(f"{BEST_CHECKPOINT} not found; run the train stage first (dvc repro train)")
-    report = evaluate_checkpoint(BEST_CHECKPOINT, cfg.data.root, cfg.data.datamodule.val_split,
+    run = RunDir(TRAIN_DIR)
+    if not run.best.is_file():
+        raise FcnsegError(f"{run.best} not found; run the train stage first (dvc repro train)")
+    report = evaluate_checkpoint(run.best, cfg.data.root, cfg.data.datamodule.val_split,
                                  num_overlays=cfg.tracking.num_overlays, progress=True)
-    write_reports(report, METRICS_FILE, PLOTS_DIR, history=epoch_history(TRAIN_DIR / "metrics.csv"))
+    write_reports(report, METRICS_FILE, PLOTS_DIR, history=epoch_history(run.metrics_csv))
     print_report(report)
     # A held-out split (the synthetic data's `test`): scored with the checkpoint selected on val, reported next to
     # val under that split's name in metrics.json (val stays at the top level: the registry gate compares val).
     test_split = cfg.data.get("test_split")
     test_report = None
     if test_split:
-        test_report = evaluate_checkpoint(BEST_CHECKPOINT, cfg.data.root, test_split, progress=True)
+        test_report = evaluate_checkpoint(run.best, cfg.data.root, test_split, progress=True)
         metrics = json.loads(METRICS_FILE.read_text())
         metrics[test_split] = test_report.summary()
         METRICS_FILE.write_text(json.dumps(metrics, indent=2))
         print(f"held-out split {test_split!r}:")
         print_report(test_report)
-    run = read_run_record(TRAIN_DIR)
-    if cfg.tracking.enabled and run:
-        import mlflow
-
-        from fcnseg.publish import log_evaluation
-
-        client = mlflow.MlflowClient(run["tracking_uri"])
-        log_evaluation(client, run["run_id"], report, prefix="val", artifact_dir="evaluation")
+    if cfg.tracking.enabled:  # into the MLflow run the train stage made (its record in the run dir)
+        run_dir.evaluate_into_run(run, report, "val", "evaluation", extra_files=(METRICS_FILE,))
         if test_report is not None:
-            log_evaluation(client, run["run_id"], test_report, prefix=test_split,
-                           artifact_dir=f"evaluation/{test_split}")
-        client.log_artifact(run["run_id"], str(METRICS_FILE), "evaluation")
+            run_dir.evaluate_into_run(run, test_report, test_split, f"evaluation/{test_split}")
 
 
 def register(cfg: DictConfig) -> None:
     from fcnseg import lineage, registry
 
-    result_file = TRAIN_DIR / "train_result.json"
+    run = RunDir(TRAIN_DIR)
     if not cfg.tracking.enabled:
         print("tracking.enabled=false: nothing to register")
         REGISTER_FILE.parent.mkdir(parents=True, exist_ok=True)
         REGISTER_FILE.write_text(json.dumps({"registered": False}))
         return
-    result = json.loads(result_file.read_text())
+    result = run.read_result()
     if not result.get("model_uri"):
-        raise FcnsegError(f"{result_file} has no logged model (tracking.log_model=false?); nothing to register")
+        raise FcnsegError(f"{run.result_file} has no logged model (tracking.log_model=false?); nothing to register")
     metrics = json.loads(METRICS_FILE.read_text())
     data_version = lineage.data_version(cfg.data.root)
-    client = registry.client_for(read_run_record(TRAIN_DIR)["tracking_uri"])
+    client = registry.client_for(run.read_record()["tracking_uri"])
     version = registry.register_model(
         result["model_uri"], cfg.tracking.registered_model_name, val_mean_iou=metrics["mean_iou"],
         data_version=data_version, client=client, tags={"model": cfg.model.name},

@@ -1,12 +1,11 @@
-"""Where runs live: the project root, the MLflow store a command talks to, a training dir's run record, and how
-MLflow's failures read to a user. A leaf: every module that talks to MLflow stands on it, it stands on none of them.
+"""Where runs live: the project root, the MLflow store a command talks to, and how MLflow's failures read to a
+user (a training dir's files are :mod:`fcnseg.run_dir`'s). A leaf: every module that talks to MLflow stands on it, it stands on none of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import os
 import urllib.error
 import urllib.request
@@ -16,7 +15,6 @@ from typing import Any
 
 from fcnseg.errors import TrackingError
 
-RUN_FILE = "mlflow_run.json"  # in the training output dir: lets a resumed run continue the same MLflow run
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -60,16 +58,6 @@ def using_store(uri: str) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def read_run_record(output_dir: str | Path) -> dict[str, Any]:
-    """The MLflow run a training dir logs into (``run_id``, ``tracking_uri``); {} when it has none."""
-    path = Path(output_dir) / RUN_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_run_record(output_dir: str | Path, run_id: str, tracking_uri: str, **extra: Any) -> None:
-    (Path(output_dir) / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri, **extra}))
 
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, str]]:

@@ -15,10 +15,9 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from fcnseg.errors import TrackingError, one_line
-from fcnseg.lineage import GIT_COMMIT, data_version, git_state
+from fcnseg.lineage import EXP_BASELINE, EXP_NAME, GIT_COMMIT, data_version, git_state
 from fcnseg.runs import (
-    auth_problem, check_reachable, config_params, is_unreachable_error, limit_http_retries, project_root,
-    read_run_record, resolve_tracking_uri, write_run_record,
+    auth_problem, check_reachable, config_params, is_unreachable_error, limit_http_retries, resolve_tracking_uri,
 )
 
 
@@ -47,8 +46,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
             self.offline_since = f"{type(exc).__name__}: {one_line(exc)}"
             rank_zero_warn(
                 f"MLflow tracking at {self._tracking_uri} failed ({self.offline_since[:200]}); training goes on, "
-                f"metrics go to {self.output_dir / 'metrics.csv'} and checkpoints to "
-                f"{self.output_dir / 'checkpoints'}; log the run afterwards with: "
+                f"metrics and checkpoints go to {self.output_dir}; log the run afterwards with: "
                 f"fcnseg sync-run {self.output_dir}"
             )
 
@@ -65,13 +63,12 @@ class ResilientMLFlowLogger(MLFlowLogger):
         self._guard(super().finalize, status)
 
 
-def create_logger(cfg: DictConfig, output_dir: Path,
-                  continue_recorded_run: bool = True) -> ResilientMLFlowLogger | None:
+def create_logger(cfg: DictConfig, output_dir: Path, run_id: str | None = None) -> ResilientMLFlowLogger | None:
     """An MLFlowLogger for this run, or None when tracking is off. It starts no MLflow run by itself: global rank 0
     opens it (:func:`open_run`) once the Trainer knows the ranks, so a distributed job makes exactly one run.
 
-    Continues the run recorded in ``output_dir`` when ``continue_recorded_run`` (a resumed training run), or the one
-    ``mlflow run`` started (``MLFLOW_RUN_ID``); otherwise a new run in ``tracking.experiment_name``.
+    Continues ``run_id`` (a resumed training run: :func:`fcnseg.run_dir.create_logger` reads it from the run dir),
+    or the one ``mlflow run`` started (``MLFLOW_RUN_ID``); otherwise a new run in ``tracking.experiment_name``.
     """
     # Other ranks log nothing to MLflow; they make no client either (torchrun starts all ranks at once, and two
     # processes creating a new SQLite store's tables at once collide). The rank here comes from the launcher's env.
@@ -79,19 +76,17 @@ def create_logger(cfg: DictConfig, output_dir: Path,
         return None
     limit_http_retries()
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id is None and continue_recorded_run:
-        recorded = read_run_record(output_dir)
-        if recorded.get("tracking_uri") == uri:
-            run_id = recorded["run_id"]
+    run_id = os.environ.get("MLFLOW_RUN_ID") or run_id
     tags = {
         "model": cfg.model.name,
         "dataset": cfg.data.name,
         "data_version": data_version(cfg.data.root),
     }
-    commit = git_state(project_root()).get(GIT_COMMIT)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    # the stage's own workspace: a --temp/--queue experiment's copy holds the experiment's tree, not the project's
+    source = git_state(Path.cwd())
+    if source.get(GIT_COMMIT):
+        tags["mlflow.source.git.commit"] = source[GIT_COMMIT]
+    tags.update({key: source[key] for key in (EXP_NAME, EXP_BASELINE) if key in source})
     return ResilientMLFlowLogger(
         output_dir=output_dir,
         experiment_name=cfg.tracking.experiment_name,
@@ -102,10 +97,9 @@ def create_logger(cfg: DictConfig, output_dir: Path,
     )
 
 
-def open_run(logger, cfg: DictConfig, output_dir: Path, resumed: bool = False,
-             changed_keys: list[str] | None = None) -> None:
+def open_run(logger, cfg: DictConfig, resumed: bool = False, changed_keys: list[str] | None = None) -> None:
     """Global rank 0 only: creates (or continues) the MLflow run now, so a broken store fails before training,
-    records it in ``output_dir`` and logs the config. A resumed run's params were logged when it started (MLflow
+    and logs the config (:func:`fcnseg.run_dir.open_run` records it in the run dir). A resumed run's params were logged when it started (MLflow
     refuses to change them): it logs only what ``resume=force`` changed, as a tag."""
     uri = logger._tracking_uri
     check_reachable(uri)
@@ -114,7 +108,6 @@ def open_run(logger, cfg: DictConfig, output_dir: Path, resumed: bool = False,
     except Exception as exc:
         raise TrackingError(auth_problem(exc, "start an MLflow run", uri)
                             or f"cannot use MLflow tracking store {uri}: {one_line(exc)}") from exc
-    write_run_record(output_dir, logger.run_id, uri, experiment_id=logger.experiment_id)
     if not resumed or not _has_params(logger):
         log_config(logger, cfg)
     if changed_keys:

@@ -15,17 +15,17 @@ from pathlib import Path
 from tests.servers import free_port, stop
 
 
-def serve(model_uri: str, cwd: Path, env: dict[str, str], env_manager: str = "local",
+def serve(model_uri: str, cwd: Path, env: dict[str, str], env_manager: str | None = "local",
           timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
     """Starts ``mlflow models serve`` (1 worker) in its own process group; returns (process, base URL) once /ping
-    answers. The server's stderr goes to ``cwd/serve.log`` (shown when it does not come up)."""
+    answers. ``env_manager=None``: MLflow's default (it builds the model's own virtualenv). The server's stderr goes to ``cwd/serve.log`` (shown when it does not come up)."""
     port = free_port()
     # mlflow execs `uvicorn` by name: the environment's bin dir must be on PATH, as in an activated venv
     env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', os.environ.get('PATH', ''))}"}
     log = cwd / "serve.log"
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", env_manager,
-         "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+         *(["--env-manager", env_manager] if env_manager else []), "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
         cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

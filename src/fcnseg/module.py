@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,10 @@ import hydra.utils
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
+import torchmetrics
+from torchmetrics import MeanMetric
 
 from fcnseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from fcnseg.errors import FcnsegError
@@ -21,9 +25,19 @@ from fcnseg.models.weights import NET_PREFIX
 
 NO_FAULT = 2**62  # "no non-finite loss yet": larger than any step, so a min over ranks finds the first fault
 
+# Every value this module logs is already reduced over ranks (below), so Lightning's advice to sync it again is moot.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train|val)/",
+                        category=PossibleUserWarning)
+
 
 class SegmentationModule(L.LightningModule):
     """Trains an FCN with per-pixel softmax cross-entropy, void (255) ignored.
+
+    Distributed training, by design: every cross-rank reduction happens in this module's own epoch-end hooks
+    (``on_train_epoch_end``, ``on_validation_epoch_end``), which every rank runs at the same point in the same
+    order, through torchmetrics. Lightning is only ever handed finished numbers (``sync_dist`` and metric objects
+    are refused by :meth:`log`), so reading logged metrics (a progress bar or logger on rank 0 alone, any callback)
+    never issues a collective, and no collective depends on which rank runs which hook.
 
     Arguments are plain dicts (Hydra config sections) so the checkpoint's hyperparameters rebuild the model
     without any config tree: ``SegmentationModule.load_from_checkpoint(path)``.
@@ -68,6 +82,10 @@ class SegmentationModule(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss(ignore_index=ignore_index, reduction=reduction)
         self.train_metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index)
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index)
+        # Loss means over all ranks, accumulated on the device (no per-step sync); non-finite losses are caught by
+        # the fault check, so the metric need not look for NaNs (which would cost a host sync per step).
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss = MeanMetric(nan_strategy="disable")
         self.last_val_results: dict[str, Any] | None = None  # read by tracking callbacks (confusion matrix plot)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -101,8 +119,10 @@ class SegmentationModule(L.LightningModule):
         every = int(self.hparams.get("train_metrics_every_n_steps", 1))
         if every and batch_idx % every == 0:  # an estimate of the training fit: argmax + bincount on 1 step in n
             self.train_metrics.update(logits.detach(), masks)
-        # Not on the progress bar per step: that would copy the loss to the host (a sync) every step.
-        self.log("train/loss", loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+        self.train_loss.update(loss.detach(), weight=images.shape[0])
+        # This rank's batch loss, for the loggers every log_every_n_steps; the epoch's mean over all ranks is
+        # logged at the epoch's end. Not on the progress bar per step: a copy to the host (a sync) every step.
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, batch_size=images.shape[0])
         return loss
 
     def _note_nonfinite(self, loss: torch.Tensor) -> None:
@@ -136,22 +156,25 @@ class SegmentationModule(L.LightningModule):
         )
 
     def on_train_epoch_end(self) -> None:
-        self._log_metrics("train", self.train_metrics.compute(), per_class=False)
+        # every rank, in this order: the loss mean, then the confusion matrix, each reduced over ranks
+        loss = self.train_loss.compute()
+        results = self.train_metrics.compute()
+        self.log("train/loss_epoch", loss)
+        self._log_metrics("train", results, per_class=False)
+        self.train_loss.reset()
         self.train_metrics.reset()
 
     # --- validation: each image whole and alone, as `fcnseg evaluate` and the paper's scorer see it -----------------
     def validation_step(self, batch, batch_idx: int) -> None:
         images, masks = batch  # lists of differently sized images (unpadded_collate), or stacked equal sizes
-        losses = []
         for image, mask in zip(images, masks):
             logits = self.net(self._to_memory_format(image[None])).float()
             target = mask[None].long()
             valid = (target != self.hparams.ignore_index).sum().clamp(min=1)  # stays on the device: no sync
-            losses.append(F.cross_entropy(logits, target, ignore_index=self.hparams.ignore_index,
-                                          reduction="sum") / valid)
+            # val/loss: the mean over images (of all ranks) of each image's per-pixel loss
+            self.val_loss.update(F.cross_entropy(logits, target, ignore_index=self.hparams.ignore_index,
+                                                 reduction="sum") / valid)
             self.val_metrics.update(logits, target)
-        # the mean over images of each image's per-pixel loss, over all ranks
-        self.log("val/loss", torch.stack(losses).mean(), on_epoch=True, sync_dist=True, batch_size=len(losses))
 
     def on_validation_epoch_start(self) -> None:
         # a validation inside a training epoch (val_check_interval) must not score weights a bad step made
@@ -163,9 +186,13 @@ class SegmentationModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         torch.backends.cudnn.benchmark = self._cudnn_benchmark
-        results = self.val_metrics.compute()  # the confusion matrix is summed over ranks here
+        # every rank, in this order: the loss mean, then the confusion matrix, each reduced over ranks
+        loss = self.val_loss.compute()
+        results = self.val_metrics.compute()
         self.last_val_results = results
+        self.log("val/loss", loss)
         self._log_metrics("val", results, per_class=True)
+        self.val_loss.reset()
         self.val_metrics.reset()
 
     def _log_metrics(self, stage: str, results: dict[str, Any], per_class: bool) -> None:
@@ -174,11 +201,25 @@ class SegmentationModule(L.LightningModule):
             for name, iou in zip(self.class_names, results["per_class_iou"].tolist()):
                 if iou == iou:  # classes absent from both truth and prediction have no IoU (nan): skip them
                     scalars[f"{stage}/iou/{name}"] = iou
-        # torchmetrics already summed the confusion matrix over ranks, so every rank holds the same values:
-        # a max over ranks returns them unchanged (bit for bit), and is what Lightning asks of epoch-level values.
+        # torchmetrics already summed the confusion matrix over ranks: every rank logs the same, final values
         mean_iou = scalars.pop(f"{stage}/mean_iou")
-        self.log_dict(scalars, sync_dist=True, reduce_fx="max")
-        self.log(f"{stage}/mean_iou", mean_iou, prog_bar=True, sync_dist=True, reduce_fx="max")
+        self.log_dict(scalars)
+        self.log(f"{stage}/mean_iou", mean_iou, prog_bar=True)
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``log``, for values that are already final on every rank (see the class docstring).
+
+        A value Lightning would reduce itself (``sync_dist=True``, or a torchmetrics object it computes when the
+        value is first read) is refused: that reduction is a collective run by whichever rank reads the metrics
+        first, e.g. the progress bar, which only rank 0 has, and the ranks' collectives would stop pairing.
+        """
+        sync_dist = _LOG_SIGNATURE.bind(self, name, value, *args, **kwargs).arguments.get("sync_dist", False)
+        if sync_dist or isinstance(value, torchmetrics.Metric):
+            raise FcnsegError(
+                f"self.log({name!r}, ...) asks Lightning to reduce the value across ranks when it is read; reduce it "
+                f"in an epoch-end hook every rank runs (a torchmetrics metric's compute()) and log the result instead"
+            )
+        super().log(name, value, *args, **kwargs)
 
     def configure_optimizers(self):
         optim = self.hparams.optim
@@ -216,6 +257,9 @@ class SegmentationModule(L.LightningModule):
             return {}
         optimizer_class = getattr(make_optimizer, "func", make_optimizer)
         return {"fused": True} if optimizer_class in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) else {}
+
+
+_LOG_SIGNATURE = inspect.signature(L.LightningModule.log)
 
 
 def load_module(checkpoint_path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationModule:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from tests.servers import free_port
 from tests.tiny import ROOT, subprocess_env, tiny_overrides, train_command
 from tests.voc_layout import random_sample, write_voc_layout
 
@@ -52,33 +54,98 @@ def runs_in(store: Path) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_ddp_through_the_entry_point_logs_once_and_its_val_iou_equals_a_single_process_evaluate(tmp_path):
+def documented_command(startswith: str, page: str = "docs/multi-gpu.md") -> list[str]:
+    """A command exactly as the docs show it (its arguments after ``python -m fcnseg.train``), so what is tested is
+    what users copy."""
+    for line in (ROOT / page).read_text().splitlines():
+        if line.strip().startswith(startswith):
+            return shlex.split(line.split("#")[0])[3:]
+    raise AssertionError(f"{page} shows no command starting with {startswith!r}")
+
+
+def with_tiny_sizes(command: list[str], tmp: Path, **kwargs) -> list[str]:
+    """The command plus tiny sizes: only what the command itself does not set (progress bar and all defaults kept)."""
+    keys = {arg.split("=", 1)[0] for arg in command}
+    return command + [o for o in tiny_overrides(tmp, **kwargs) if o.split("=", 1)[0] not in keys]
+
+
+def check_one_run_with_exact_metrics(tmp_path: Path, output: str, voc: Path, ranks: int, epochs: int = 2) -> None:
     from fcnseg.evaluate import evaluate_checkpoint
 
-    voc = varied_voc(tmp_path / "VOC2012")
-    overrides = ddp_overrides(tmp_path) + ["data.source=voc", f"data.root={voc}",
-                                           "data.datamodule.train_transform.crop_size=32",
-                                           "data.datamodule.val_batch_size=4"]
-    result = run(train_command(overrides))
-    assert result.returncode == 0, result.stderr[-4000:]
-    output = result.stdout + result.stderr
-    assert output.count("Initializing distributed: GLOBAL_RANK") == 2
+    assert output.count("Initializing distributed: GLOBAL_RANK") == ranks
     assert "sync_dist=True" not in output  # values torchmetrics reduced are logged as Lightning expects
-
-    [mlflow_run] = runs_in(tmp_path / "mlflow.db")  # exactly one run for the two processes
+    [mlflow_run] = runs_in(tmp_path / "mlflow.db")  # exactly one run for all processes
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     history = client.get_metric_history(mlflow_run.info.run_id, "val/mean_iou")
-    assert len(history) == 2  # one value per epoch, not one per rank
+    assert len({m.step for m in history}) == len(history) >= epochs  # one value per validation, not one per rank
     out = tmp_path / "out"
     recorded = json.loads((out / "mlflow_run.json").read_text())
     trained = json.loads((out / "train_result.json").read_text())
     assert recorded["run_id"] == trained["run_id"] == mlflow_run.info.run_id and trained["model_uri"]
     assert "config.yaml" in {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
-
-    # 13 images of different sizes on 2 ranks, validated whole and alone: the same score a single process gives
+    # images of different sizes on several ranks, validated whole and alone: the score a single process gives
     single = evaluate_checkpoint(out / "checkpoints" / "best.ckpt", voc, "val")
     assert abs(float(single.results["mean_iou"]) - trained["best_score"]) < 1e-6
     assert abs(max(m.value for m in history) - trained["best_score"]) < 1e-6
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_the_documented_ddp_command_with_every_default_logs_once_and_matches_a_single_process_evaluate(
+        tmp_path, ranks):
+    # The docs' CPU DDP line as written (progress bar on: Rich, Lightning's default when rich is installed; the
+    # default callbacks and loggers), on 13 val images of different sizes, which no rank count here divides.
+    command = documented_command("python -m fcnseg.train experiment=quickstart trainer=ddp")
+    command = [f"trainer.devices={ranks}" if arg.startswith("trainer.devices=") else arg for arg in command]
+    voc = varied_voc(tmp_path / "VOC2012")
+    overrides = with_tiny_sizes(command, tmp_path) + [
+        "data.source=voc", f"data.root={voc}", "data.datamodule.train_transform.crop_size=32",
+        "data.datamodule.batch_size=2", "data.datamodule.val_batch_size=4"]  # log_every_n_steps=1: below an epoch
+    result = run(train_command(overrides))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "━" in result.stdout  # Rich's progress bar really drew (on rank 0)
+    check_one_run_with_exact_metrics(tmp_path, output, voc, ranks)
+
+
+def test_ddp_with_tqdm_validation_inside_epochs_and_a_callback_reading_metrics_on_rank_zero(tmp_path):
+    # The other progress bar, log_every_n_steps above the epoch's batches, validation twice an epoch, val batches
+    # that differ in number across ranks (13 images, 3 per batch: 3 batches on rank 0, 2 on rank 1), and a callback
+    # that reads every logged metric on rank 0 alone at every hook: none of it may issue a collective.
+    voc = varied_voc(tmp_path / "VOC2012")
+    overrides = ddp_overrides(tmp_path) + [
+        "data.source=voc", f"data.root={voc}", "data.datamodule.train_transform.crop_size=32",
+        "data.datamodule.batch_size=2", "data.datamodule.val_batch_size=3",
+        "trainer.log_every_n_steps=50", "trainer.val_check_interval=0.5",
+        "+callbacks.progress_bar._target_=lightning.pytorch.callbacks.TQDMProgressBar",
+        "+callbacks.reader._target_=tests.ddp_callbacks.ReadMetricsOnRankZero"]
+    result = run(train_command(overrides))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Epoch 1: 100%" in output  # TQDM drew
+    check_one_run_with_exact_metrics(tmp_path, output, voc, ranks=2)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [mlflow_run] = runs_in(tmp_path / "mlflow.db")
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "val/mean_iou")) == 4  # 2 epochs x 2 validations
+
+
+def test_a_rank_slower_than_the_collective_timeout_ends_the_job_with_the_one_line(tmp_path):
+    overrides = ddp_overrides(tmp_path, epochs=3) + [
+        # long enough for every rank to start (the timeout covers joining too), shorter than the stall
+        "trainer.strategy.timeout.seconds=20",
+        "+callbacks.stall._target_=tests.ddp_callbacks.StallOnRank", "+callbacks.stall.seconds=45"]
+    started = time.monotonic()
+    result = run(train_command(overrides))
+    assert time.monotonic() - started < 200
+    assert result.returncode == 2, result.stderr[-4000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # rank 0 gave up waiting after the timeout; the slow rank found its peer gone: both say what and what to do
+    assert "error: rank 0 of 2: a collective call across the training processes failed (" in result.stderr
+    assert "; timeout 20 s); another rank died" in result.stderr
+    assert lines[-1].startswith("error: rank "), lines[-3:]
+    for needle in ("trainer.strategy.timeout.seconds", "resume with: python -m fcnseg.train ",
+                   f"paths.output_dir={tmp_path / 'out'}"):
+        assert needle in lines[-1]
+    assert "Traceback" not in result.stderr
 
 
 def test_torchrun_ranks_share_one_run_dir_and_one_mlflow_run(tmp_path):
@@ -204,3 +271,67 @@ def test_kill_9_of_one_rank_ends_the_job_within_a_minute_and_the_same_command_re
     assert mlflow_run.info.run_id == trained["run_id"]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len({m.step for m in client.get_metric_history(trained["run_id"], "val/mean_iou")}) == 5
+
+
+def test_mlflow_run_trains_ddp_with_the_settings_it_takes_into_the_one_run_it_opened(tmp_path):
+    # `mlflow run . -e train` with the distributed settings as parameters and any other override in `overrides`
+    voc = varied_voc(tmp_path / "VOC2012")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = " ".join([
+        f"data.root={voc}", f"paths.output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+        "model.net.width=0.0625", "data.datamodule.batch_size=2", "data.datamodule.val_batch_size=4",
+        "data.datamodule.num_workers=0", "data.datamodule.train_transform.crop_size=32", "tracking.num_overlays=2",
+        "trainer.log_every_n_steps=1"])
+    params = {"data": "voc", "model": "fcn8s", "optim": "adamw", "lr": "1e-3", "max_epochs": "2", "trainer": "ddp",
+              "accelerator": "cpu", "devices": "2", "precision": "32-true", "backbone_weights": "null",
+              "data_dir": str(tmp_path / "data"), "overrides": overrides}
+    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+    command = [mlflow_cli, "run", ".", "-e", "train", "--env-manager", "local", "--experiment-name", "ddp",
+               *[arg for key, value in params.items() for arg in ("-P", f"{key}={value}")]]
+    env = {**subprocess_env(), "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # `python` = this venv's
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    [mlflow_run] = runs_in(tmp_path / "mlflow.db")  # the run `mlflow run` opened, continued by rank 0 alone
+    assert mlflow_run.data.tags.get("mlflow.project.entryPoint") == "train"
+    assert mlflow_run.data.params["trainer.devices"] == "2" and mlflow_run.data.params["trainer.accelerator"] == "cpu"
+    check_one_run_with_exact_metrics(tmp_path, output, voc, ranks=2)
+
+
+def test_two_torchrun_launches_as_two_nodes_make_one_run_written_by_global_rank_0_alone(tmp_path):
+    # The documented multi-node torchrun line, with the static rendezvous: 2 "nodes" (launches) of 1 process each on
+    # 127.0.0.1, each in its own working directory as on two machines; data and MLflow on "shared storage".
+    documented = documented_command("torchrun --nnodes 2", page="docs/multi-gpu.md")
+    assert "--rdzv-backend" not in documented  # static: --node-rank decides the ranks (c10d ignores it)
+    assert {"--node-rank", "--master-addr", "--master-port", "--rdzv-id", "--nproc-per-node"} <= set(documented)
+    voc = varied_voc(tmp_path / "VOC2012")
+    port = free_port()
+    overrides = [o for o in ddp_overrides(tmp_path) if not o.startswith(("paths.output_dir=", "trainer.devices="))]
+    overrides += ["trainer.devices=1", "trainer.num_nodes=2", "data.source=voc", f"data.root={voc}",
+                  "data.datamodule.train_transform.crop_size=32", "data.datamodule.batch_size=2"]
+    env = {**subprocess_env(), "PYTHONPATH": str(ROOT)}
+    nodes = []
+    for node_rank in (1, 0):  # the second node may start first: ranks follow --node-rank, not arrival
+        cwd = tmp_path / f"node{node_rank}"
+        cwd.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                   "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   "--rdzv-id", "job42", "-m", "fcnseg.train", *overrides]
+        nodes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+        time.sleep(2)
+    outputs = [node.communicate(timeout=400) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(out[1][-3000:] for out in outputs)
+    run_dir = tmp_path / "node0" / "outputs" / "torchrun-job42"
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "train_result.json").is_file()
+    # node 1 (global rank 1) wrote none of the run's files: no checkpoint, config, record or result
+    written = {p.name for p in (tmp_path / "node1").rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    assert not written & {"best.ckpt", "last.ckpt", "config.yaml", "mlflow_run.json", "train_result.json",
+                          "metrics.csv"}, written
+    [mlflow_run] = runs_in(tmp_path / "mlflow.db")
+    trained = json.loads((run_dir / "train_result.json").read_text())
+    assert trained["run_id"] == mlflow_run.info.run_id
+    from fcnseg.evaluate import evaluate_checkpoint
+    single = evaluate_checkpoint(run_dir / "checkpoints" / "best.ckpt", voc, "val")
+    assert abs(float(single.results["mean_iou"]) - trained["best_score"]) < 1e-6

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 
 from tests.servers import free_port
+from tests.test_pipeline_e2e import TINY, fresh_project  # noqa: F401 (a fixture)
+from tests.test_pipeline_e2e import run as run_in_project
 from tests.tiny import ROOT, subprocess_env, tiny_overrides, train_command
 from tests.voc_layout import random_sample, write_voc_layout
 
@@ -335,3 +337,18 @@ def test_two_torchrun_launches_as_two_nodes_make_one_run_written_by_global_rank_
     from fcnseg.evaluate import evaluate_checkpoint
     single = evaluate_checkpoint(run_dir / "checkpoints" / "best.ckpt", voc, "val")
     assert abs(float(single.results["mean_iou"]) - trained["best_score"]) < 1e-6
+
+
+def test_dvc_exp_run_with_ddp_trains_the_pipeline_on_two_ranks(fresh_project):
+    # The documented DVC line for DDP on CPU, with the quick start's sizes shrunk (progress bar on): every stage,
+    # one MLflow run, and the evaluate stage's val mIoU (one process) equal to the best DDP validation.
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    sets = documented_command("dvc exp run -S experiment=quickstart -S trainer=ddp")
+    shrunk = [arg for override in TINY for arg in ("-S", override)]
+    result = run_in_project(fresh_project, dvc, "exp", "run", *sets, *shrunk)
+    assert (result.stdout + result.stderr).count("Initializing distributed: GLOBAL_RANK") == 2
+    trained = json.loads((fresh_project / "artifacts" / "train" / "train_result.json").read_text())
+    metrics = json.loads((fresh_project / "metrics.json").read_text())
+    assert abs(metrics["mean_iou"] - trained["best_score"]) < 1e-6
+    [mlflow_run] = runs_in(fresh_project / "mlflow.db")
+    assert mlflow_run.data.params["trainer.devices"] == "2"

@@ -67,7 +67,7 @@ def test_the_checker_finds_a_circle():
 
 
 def test_the_model_and_metrics_stay_free_of_lightning_and_mlflow():
-    # design.md: the model and the metrics are plain PyTorch / torchmetrics, usable on their own
+    # docs/layout.md: the model and the metrics are plain PyTorch / torchmetrics, usable on their own
     for path in [*(SRC / "fcnseg" / "models").glob("*.py"), SRC / "fcnseg" / "metrics.py"]:
         tree = ast.parse(path.read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)

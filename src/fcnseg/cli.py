@@ -37,6 +37,13 @@ def _configure(configure: Callable[[argparse.ArgumentParser], None]):
     return attach
 
 
+def _tracking_uri_option(p: argparse.ArgumentParser,
+                         default: str = "$MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db") -> None:
+    """The one ``--tracking-uri`` option of every command that talks to MLflow (resolved by
+    :func:`fcnseg.runs.resolve_tracking_uri`)."""
+    p.add_argument("--tracking-uri", help=f"the MLflow store: runs, registry, models:/ URIs (default: {default})")
+
+
 def _fetch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default="data", help="where downloads/ and VOCdevkit/ go (default: data)")
     p.add_argument("--tarball", help="a VOCtrainval_11-May-2012.tar you already have (verified, then used)")
@@ -61,8 +68,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="evaluation", help="where metrics.json and plots go (default: evaluation)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--num-overlays", type=int, default=8)
-    p.add_argument("--tracking-uri", help="where models:/ URIs are looked up (default: $MLFLOW_TRACKING_URI or "
-                   "sqlite:///<project>/mlflow.db)")
+    _tracking_uri_option(p)
 
 
 @command("evaluate", "the paper's four metrics and per-class IoU of a model on a VOC-layout split")
@@ -87,8 +93,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images of the same size per forward pass")
     p.add_argument("--tile-size", type=int, help="segment images larger than this by overlapping windows")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    p.add_argument("--tracking-uri", help="where models:/ URIs are looked up (default: $MLFLOW_TRACKING_URI or "
-                   "sqlite:///<project>/mlflow.db)")
+    _tracking_uri_option(p)
 
 
 @command("predict", "segment images: a VOC palette-PNG label map and an overlay PNG per image")
@@ -112,7 +117,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
     p.add_argument("--out", default="model.onnx", help="file to write (default: model.onnx)")
     p.add_argument("--register", metavar="NAME", help="also log it as a torch-free MLflow model, registered as NAME")
-    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db")
+    _tracking_uri_option(p)
 
 
 @command("export", "an ONNX model (dynamic size, parity-checked against PyTorch), optionally registered")
@@ -140,24 +145,22 @@ def _import_weights_args(p: argparse.ArgumentParser) -> None:
                    help="input normalisation the weights expect (the Caffe-converted nets: caffe)")
     p.add_argument("--register", metavar="NAME", help="also log it as an MLflow model and register it under NAME")
     p.add_argument("--val-mean-iou", type=float, help="its measured val mean IoU (recorded for promotion)")
-    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db")
+    _tracking_uri_option(p)
 
 
 @command("import-weights", "turn a pytorch-fcn checkpoint into an fcnseg checkpoint (and MLflow model)")
 @_configure(_import_weights_args)
 def import_weights(args: argparse.Namespace) -> None:
     from fcnseg.models.checkpoint import save_net_checkpoint
-    from fcnseg.data.classes import VOC_CLASSES
+    from fcnseg.data.classes import class_names_for
     from fcnseg.models import build_fcn, load_reference_weights
 
     net_config = {"name": args.variant, "num_classes": args.num_classes, "width": 1.0,
                   "backbone_weights": None, "learnable_upsampling": False}
     net = build_fcn(**net_config)
     load_reference_weights(net, args.source)
-    class_names = list(VOC_CLASSES[: args.num_classes]) if args.num_classes <= len(VOC_CLASSES) else \
-        [f"class_{i}" for i in range(args.num_classes)]
     out = save_net_checkpoint(net, net_config, args.out or f"{args.variant}_imported.ckpt",
-                                args.normalization, class_names)
+                                args.normalization, class_names_for(args.num_classes))
     print(f"wrote {out}")
     if args.register:
         from fcnseg.publish import log_imported_model
@@ -183,7 +186,7 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
                    help="promote even if not better, on another evaluation set or with a class dropping (recorded)")
     p.add_argument("--per-class-margin", type=float, default=0.05,
                    help="refuse when any class's IoU drops by more than this (default 0.05 = 5 points)")
-    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db")
+    _tracking_uri_option(p)
 
 
 @command("promote", "move the 'champion' alias to a version if it beats the champion on the same evaluation set")
@@ -199,7 +202,7 @@ def promote(args: argparse.Namespace) -> None:
 
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", default="fcn-voc")
-    p.add_argument("--tracking-uri")
+    _tracking_uri_option(p)
 
 
 @command("models", "list a registered model's versions: aliases, mean IoU, evaluation set and lineage")
@@ -228,7 +231,7 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_URI", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--run", action="store_true", dest="execute",
                    help="run the commands here (git checkout, data, training)")
-    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db")
+    _tracking_uri_option(p)
 
 
 @command("reproduce", "print (or --run) the exact commands that rebuild a registered version")
@@ -246,7 +249,7 @@ def reproduce(args: argparse.Namespace) -> None:
 
 def _sync_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("output_dir", help="the training output dir (artifacts/train, or a Hydra run dir)")
-    p.add_argument("--tracking-uri", help="default: the run's config, $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    _tracking_uri_option(p, "the run's own store, else $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db")
 
 
 @command("sync-run", "log a training run made while MLflow was unreachable (metrics, checkpoint, model)")

@@ -2,7 +2,8 @@
 
 Every error a user can cause (bad data, bad config, bad file, no network) is raised as a subclass of
 ``FcnsegError`` with a one-line message that says what is wrong, where, and what to do. Entry points catch
-``FcnsegError`` and print ``error: <message>`` instead of a traceback (see ``fcnseg.cli.run_cli``).
+``FcnsegError`` and print ``error: <message>`` instead of a traceback
+(:func:`fcnseg.cli_errors.exit_on_user_error`).
 """
 
 

@@ -86,17 +86,22 @@ def git_state(root: str | Path, experiment: dict[str, str] | None = None) -> dic
     return {**state, **experiment}
 
 
-def dvc_lock_hashes(root: str | Path) -> dict[str, str]:
-    """Per stage of ``dvc.lock``: its outputs' hashes as ``path:md5`` (what ``dvc status`` compares); {} if none."""
+def dvc_lock_outs(root: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Per stage of ``root``'s ``dvc.lock``: its outputs as DVC records them (``path``, ``md5``, …); {} if none."""
     lock = Path(root) / "dvc.lock"
     if not lock.is_file():
         return {}
     import yaml
 
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    return {stage: list(entry.get("outs") or []) for stage, entry in stages.items()}
+
+
+def dvc_lock_hashes(root: str | Path) -> dict[str, str]:
+    """Per stage of ``dvc.lock``: its outputs' hashes as ``path:md5`` (what ``dvc status`` compares); {} if none."""
     tags = {}
-    for stage, entry in stages.items():
-        outs = [f"{out['path']}:{out.get('md5') or out.get('hash') or '?'}" for out in entry.get("outs") or []]
+    for stage, stage_outs in dvc_lock_outs(root).items():
+        outs = [f"{out['path']}:{out.get('md5') or out.get('hash') or '?'}" for out in stage_outs]
         if outs:
             tags[f"{DVC_LOCK_PREFIX}{stage}"] = ",".join(outs)[:TAG_LIMIT]
     return tags
@@ -118,16 +123,11 @@ def data_version(data_root: str | Path) -> str:
     # The lock of the workspace this runs in: a `--temp`/`--queue` experiment's own copy, whose lock holds its own
     # prepare stage's hash (the main project's lock names paths in another directory, and would never match).
     root = workspace_root()
-    lock = root / "dvc.lock"
-    if lock.is_file():
-        import yaml
-
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        for stage in stages.values():
-            for out in stage.get("outs", []):
-                out_path = (root / out["path"]).resolve()
-                if out_path == data_root.resolve() or out_path in data_root.resolve().parents:
-                    return str(out.get("md5", "unknown"))
+    for stage_outs in dvc_lock_outs(root).values():
+        for out in stage_outs:
+            out_path = (root / out["path"]).resolve()
+            if out_path == data_root.resolve() or out_path in data_root.resolve().parents:
+                return str(out.get("md5", "unknown"))
     digest = hashlib.md5()
     marker = data_root / COMPLETE_MARKER
     if marker.is_file():

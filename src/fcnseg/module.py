@@ -16,7 +16,7 @@ from torch import nn
 import torchmetrics
 from torchmetrics import MeanMetric
 
-from fcnseg.data.classes import IGNORE_INDEX, VOC_CLASSES
+from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES, class_names_for
 from fcnseg.errors import FcnsegError
 from fcnseg.metrics import SCALAR_KEYS, SegmentationMetrics
 from fcnseg.models.checkpoint import inference_net_config, load_checkpoint_state, read_checkpoint
@@ -57,7 +57,7 @@ class SegmentationModule(L.LightningModule):
         self,
         net: dict[str, Any],
         optim: dict[str, Any] | None = None,
-        num_classes: int = len(VOC_CLASSES),
+        num_classes: int = NUM_CLASSES,
         ignore_index: int = IGNORE_INDEX,
         normalization: str = "imagenet",
         class_names: list[str] | None = None,
@@ -75,7 +75,7 @@ class SegmentationModule(L.LightningModule):
         if channels_last not in (True, False, "auto"):
             raise FcnsegError(f"training.channels_last must be true, false or auto, got {channels_last!r}")
         self.net = hydra.utils.instantiate(net)
-        self.class_names = list(class_names or VOC_CLASSES[:num_classes])
+        self.class_names = class_names_for(num_classes, class_names)
         reduction = (optim or {}).get("loss_reduction", "mean")
         if reduction not in ("mean", "sum"):
             raise FcnsegError(f"optim.loss_reduction must be 'mean' or 'sum', got {reduction!r}")

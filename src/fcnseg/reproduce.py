@@ -59,15 +59,6 @@ def resolve_version(client, model_uri: str):
                                     f"versions with `fcnseg models {match['name']}`") from exc
 
 
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_leaves(value, f"{prefix}{key}."))
-        return out if out or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: tree}
-
-
 def hydra_value(value: Any) -> str:
     """A Python value in Hydra's override grammar (strings quoted unless plain words that parse as strings)."""
     if value is None:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from fcnseg.checkpointing import AtomicCheckpointIO, RelocatableCheckpoints, RngStateCheckpoint
 from fcnseg.cli_errors import exit_on_user_error, precheck_overrides
 from fcnseg.config import CONFIG_DIR, CONFIG_NAME
-from fcnseg.data.classes import VOC_CLASSES
+from fcnseg.data.classes import class_names_for
 from fcnseg.data.prepare import prepare
 from fcnseg.errors import ConfigError
 from fcnseg.models import init_from_coarser
@@ -61,7 +61,7 @@ def build_module(cfg: DictConfig) -> SegmentationModule:
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         num_classes=cfg.data.num_classes,
         normalization=cfg.model.normalization,
-        class_names=list(VOC_CLASSES[: cfg.data.num_classes]),
+        class_names=class_names_for(cfg.data.num_classes, cfg.data.get("class_names")),
         **OmegaConf.to_container(cfg.training, resolve=True),
     )
     if cfg.model.init_from:  # staged training: FCN-16s from FCN-32s, FCN-8s from FCN-16s

@@ -1,5 +1,7 @@
 """PASCAL VOC class names, the void label and the VOC colour palette."""
 
+from collections.abc import Sequence
+
 import numpy as np
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -8,6 +10,14 @@ VOC_CLASSES: tuple[str, ...] = (
 )
 NUM_CLASSES = len(VOC_CLASSES)
 IGNORE_INDEX = 255  # VOC "void": object boundaries and difficult regions; never counted by loss or metrics
+
+
+def class_names_for(num_classes: int, names: Sequence[str] | None = None) -> list[str]:
+    """The names of ``num_classes`` classes: ``names`` when the data config, checkpoint or model gives them, else
+    the first ``num_classes`` VOC names (``class_<i>`` past VOC's 21). The one fallback to VOC's names."""
+    if names:
+        return list(names)
+    return [VOC_CLASSES[i] if i < len(VOC_CLASSES) else f"class_{i}" for i in range(num_classes)]
 
 
 def voc_palette(num_colors: int = 256) -> np.ndarray:

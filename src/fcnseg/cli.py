@@ -68,6 +68,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="evaluation", help="where metrics.json and plots go (default: evaluation)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--num-overlays", type=int, default=8)
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
+                   help="auto (default): the fastest path for this device/CPU; torch; onnx (onnxruntime, CPU)")
     _tracking_uri_option(p)
 
 
@@ -75,9 +77,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 @_configure(_evaluate_args)
 def evaluate(args: argparse.Namespace) -> None:
     from fcnseg.evaluate import evaluate_segmenter, print_report, write_reports
-    from fcnseg.inference import load_segmenter
+    from fcnseg.runtime import load_runtime_segmenter
 
-    segmenter = load_segmenter(args.model, device=args.device, variant=args.variant, tracking_uri=args.tracking_uri)
+    segmenter = load_runtime_segmenter(args.model, args.runtime, device=args.device, variant=args.variant,
+                                       tracking_uri=args.tracking_uri)
     report = evaluate_segmenter(segmenter, args.data, args.split, num_overlays=args.num_overlays, progress=True)
     out = Path(args.out)
     write_reports(report, out / "metrics.json", out)
@@ -92,6 +95,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="predictions", help="output directory (default: predictions)")
     p.add_argument("--batch-size", type=int, default=8, help="images of the same size per forward pass")
     p.add_argument("--tile-size", type=int, help="segment images larger than this by overlapping windows")
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
+                   help="auto (default): the fastest path for this device/CPU; torch; onnx (onnxruntime, CPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     _tracking_uri_option(p)
 
@@ -99,11 +104,12 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 @command("predict", "segment images: a VOC palette-PNG label map and an overlay PNG per image")
 @_configure(_predict_args)
 def predict(args: argparse.Namespace) -> None:
-    from fcnseg.inference import load_segmenter
     from fcnseg.predict import check_writable, predict_files
+    from fcnseg.runtime import load_runtime_segmenter
 
     check_writable(args.out)  # before the model loads: an unwritable --out must not cost a model load
-    segmenter = load_segmenter(args.model, device=args.device, variant=args.variant, tracking_uri=args.tracking_uri)
+    segmenter = load_runtime_segmenter(args.model, args.runtime, device=args.device, variant=args.variant,
+                                       tracking_uri=args.tracking_uri)
     summary = predict_files(args.inputs, segmenter, args.out, batch_size=args.batch_size, tile_size=args.tile_size)
     print(f"segmented {len(summary.written)} image(s) into {args.out}"
           + (f"; skipped {len(summary.skipped)} unreadable file(s)" if summary.skipped else ""))

@@ -163,3 +163,20 @@ def export_and_register(segmenter: Segmenter, out_path: str | Path, register: st
                                               "parity_argmax_agreement": f"{parity.argmax_agreement:.6f}",
                                               "parity_max_abs_diff": f"{parity.max_abs_diff:.3e}"})
     return parity, version.version
+
+
+class OnnxRuntimeSegmenter(Segmenter):
+    """A :class:`~fcnseg.inference.Segmenter` whose scores come from onnxruntime (the net exported to a temporary,
+    parity-checked ONNX file): ``predict``, ``predict_many`` and ``predict_sliding`` work as they do for PyTorch."""
+
+    def __init__(self, segmenter: Segmenter, threads: int | None = None) -> None:
+        from fcnseg.onnx_model import OnnxSegmenter
+
+        super().__init__(segmenter.net, segmenter.normalization, segmenter.class_names, device="cpu",
+                         precision="fp32", channels_last=False)
+        with tempfile.TemporaryDirectory(prefix="fcnseg-onnx-") as tmp:
+            self.parity = export_onnx(self, Path(tmp) / "model.onnx", sizes=((33, 47), (64, 64)))
+            self.onnx = OnnxSegmenter(Path(tmp) / "model.onnx", metadata_for(self), threads)  # loaded: file may go
+
+    def scores(self, images: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(self.onnx.scores(images))

@@ -5,10 +5,11 @@ elsewhere resumes). The format itself is :mod:`fcnseg.models.checkpoint`'s."""
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
+import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -33,11 +34,14 @@ class RngStateCheckpoint(Callback):
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
 
-    # NumPy's state holds an ndarray, which `torch.load(weights_only=True)` refuses: stored as a tensor instead.
+    # The generators' own public getters and setters (Lightning's helpers for this are private). NumPy's state
+    # holds an ndarray, which `torch.load(weights_only=True)` refuses: stored as a tensor instead.
     def state_dict(self) -> dict[str, Any]:
-        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
-        kind, keys, pos, has_gauss, cached = states.pop("numpy")
-        states["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                  "numpy": (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)}
+        if torch.cuda.is_available():
+            states["torch.cuda"] = torch.cuda.get_rng_state_all()
         return {"rng_states": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -50,8 +54,14 @@ class RngStateCheckpoint(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # restored here, after Lightning's own setup has drawn from the RNGs, right before the loop goes on
         if self._pending is not None:
-            _set_rng_states(self._pending)
-            self._pending = None
+            states, self._pending = self._pending, None
+            torch.set_rng_state(states["torch"])
+            if "torch.cuda" in states:
+                torch.cuda.set_rng_state_all(states["torch.cuda"])
+            if "numpy" in states:
+                np.random.set_state(states["numpy"])
+            version, state, gauss = states["python"]
+            random.setstate((version, tuple(state), gauss))  # a checkpoint may hold the tuple as a list
 
 
 _CHECKPOINT_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")

@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # MLflow's artifact download bars ("Downloading artifacts: 100%") are not this command's output (set it to
+    # true to see them)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     with exit_on_user_error():
         args.run(args)

@@ -125,8 +125,9 @@ def evaluate(cfg: DictConfig) -> None:
     run = RunDir(TRAIN_DIR)
     if not run.best.is_file():
         raise FcnsegError(f"{run.best} not found; run the train stage first (dvc repro train)")
+    tta = cfg.get("tta")  # opt-in test-time augmentation: -S +tta=mmseg (the conf/tta group)
     report = evaluate_checkpoint(run.best, cfg.data.root, cfg.data.datamodule.val_split,
-                                 num_overlays=cfg.tracking.num_overlays, progress=True)
+                                 num_overlays=cfg.tracking.num_overlays, progress=True, tta=tta)
     write_reports(report, METRICS_FILE, PLOTS_DIR, history=epoch_history(run.metrics_csv))
     print_report(report)
     # A held-out split (the synthetic data's `test`): scored with the checkpoint selected on val, reported next to
@@ -134,7 +135,7 @@ def evaluate(cfg: DictConfig) -> None:
     test_split = cfg.data.get("test_split")
     test_report = None
     if test_split:
-        test_report = evaluate_checkpoint(run.best, cfg.data.root, test_split, progress=True)
+        test_report = evaluate_checkpoint(run.best, cfg.data.root, test_split, progress=True, tta=tta)
         metrics = json.loads(METRICS_FILE.read_text())
         metrics[test_split] = test_report.summary()
         METRICS_FILE.write_text(json.dumps(metrics, indent=2))
@@ -161,14 +162,27 @@ def register(cfg: DictConfig) -> None:
     metrics = json.loads(METRICS_FILE.read_text())
     data_version = lineage.data_version(cfg.data.root)
     client = registry.client_for(run.read_record()["tracking_uri"])
+    name = cfg.tracking.registered_model_name
+    existing = registry.registered_as(client, name, result["model_uri"])
+    if existing is not None:  # the stage re-ran without a new training run (an evaluation setting changed)
+        print(f"{name} v{existing.version} holds this training run's model already; not registered again")
+        REGISTER_FILE.parent.mkdir(parents=True, exist_ok=True)
+        REGISTER_FILE.write_text(json.dumps({"registered": True, "name": name, "version": int(existing.version),
+                                             "promoted": "champion" in (existing.aliases or []),
+                                             "reason": "already registered"}, indent=2))
+        return
     version = registry.register_model(
-        result["model_uri"], cfg.tracking.registered_model_name, val_mean_iou=metrics["mean_iou"],
-        data_version=data_version, client=client, tags={"model": cfg.model.name},
+        result["model_uri"], name, val_mean_iou=metrics["mean_iou"],
+        data_version=data_version, client=client, tags={"model": cfg.model.name, **lineage.dvc_experiment()},
         evaluation=lineage.evaluation_set(cfg.data.root, cfg.data.datamodule.val_split, data_version),
         per_class_iou=metrics.get("per_class_iou"), lineage=lineage.dvc_lock_hashes(Path.cwd()),
     )
     decision = registry.promote(cfg.tracking.registered_model_name, version.version, client=client)
     print(decision.report())
+    from fcnseg.runs import ui_links
+
+    for line in ui_links(client.tracking_uri, model=(name, version.version)):
+        print(f"MLflow {line}")
     REGISTER_FILE.parent.mkdir(parents=True, exist_ok=True)
     REGISTER_FILE.write_text(json.dumps({"registered": True, "name": cfg.tracking.registered_model_name,
                                          "version": int(version.version), "promoted": decision.promoted,

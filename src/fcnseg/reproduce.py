@@ -1,6 +1,8 @@
 """``fcnseg reproduce models:/NAME@ALIAS``: the exact commands that rebuild a registered version.
 
-From the version's lineage: ``git checkout <commit>``, the data (synthetic: regenerated from its seed by training;
+A version trained by ``dvc exp run`` (workspace, ``--temp``, ``--queue``): ``git checkout <baseline>``, ``dvc exp
+apply <name>`` (``dvc exp pull`` first when the team pushed it), ``dvc repro --force``. Otherwise, from the version's
+lineage: ``git checkout <commit>``, the data (synthetic: regenerated from its seed by training;
 VOC: ``dvc pull data.dvc`` from the team's remote, then ``fcnseg fetch``, which verifies the pinned tarball and
 downloads it when the pull could not), then ``python -m fcnseg.train`` with the
 overrides that turn the config composed at that commit into the run's logged ``config.yaml``. Machine-specific
@@ -158,6 +160,9 @@ def plan(client, model_uri: str, root: Path) -> Plan:
             raise FcnsegError(f"run {version.run_id} of {name} v{number} has no config.yaml artifact, so its "
                               f"training config is unknown") from exc
         logged = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    experiment = experiment_of(client, version, run, root)
+    if experiment is not None:  # trained by `dvc exp run`: DVC's own way back to it, then `dvc repro`
+        return _experiment_plan(version, experiment, notes, client.tracking_uri)
     commands: list[list[str]] = []
     optional: dict[int, str] = {}
     if commit:
@@ -184,6 +189,45 @@ def plan(client, model_uri: str, root: Path) -> Plan:
     notes.append(f"then compare: fcnseg models {name} (the rebuild logs a new run; register it with dvc repro "
                  f"or promote by hand)")
     return Plan(name, number, commands, notes, client.tracking_uri, optional)
+
+
+def experiment_of(client, version, run, root: Path) -> dict[str, str | None] | None:
+    """The DVC experiment a version was trained in (name, baseline, commit), or None. The experiment's commit exists
+    only once DVC has committed the experiment, after its register stage: resolved here from its git ref and then
+    recorded on the version and its run (``dvc_exp_commit``)."""
+    from fcnseg.lineage import EXP_BASELINE, EXP_COMMIT, EXP_NAME, exp_commit
+
+    tags = {**run.data.tags, **(version.tags or {})}
+    name, baseline = tags.get(EXP_NAME), tags.get(EXP_BASELINE)
+    if not name or not baseline:
+        return None
+    here = exp_commit(root, baseline, name)
+    if here and tags.get(EXP_COMMIT) != here:
+        client.set_model_version_tag(version.name, version.version, EXP_COMMIT, here)
+        client.set_tag(version.run_id, EXP_COMMIT, here)
+    return {"name": name, "baseline": baseline, "commit": here or tags.get(EXP_COMMIT), "here": here}
+
+
+def _experiment_plan(version, experiment: dict[str, str | None], notes: list[str], tracking_uri: str) -> Plan:
+    from fcnseg.lineage import exp_ref
+
+    name, number = version.name, int(version.version)
+    commands: list[list[str]] = [["git", "checkout", experiment["baseline"]]]
+    optional: dict[int, str] = {}
+    if not experiment["here"]:
+        notes.append(f"experiment {experiment['name']} is not in this repository: fetched from the team's git remote "
+                     f"(`dvc exp push origin {experiment['name']}` shared it)")
+        optional[len(commands)] = "without the shared experiment, the next step names what is missing"
+        commands.append(["dvc", "exp", "pull", "origin", experiment["name"]])
+    notes.append(f"DVC experiment {experiment['name']} (commit {str(experiment['commit'] or '?')[:12]}, ref "
+                 f"{exp_ref(experiment['baseline'], experiment['name'])}) on baseline {experiment['baseline'][:12]}")
+    if (version.tags or {}).get("git_dirty") == "true":
+        notes.append("the experiment's workspace had uncommitted changes besides its params: they are not in it")
+    commands.append(["dvc", "exp", "apply", experiment["name"]])
+    notes.append("dvc repro --force trains again (plain `dvc repro` finds the applied outputs up to date)")
+    commands.append(["dvc", "repro", "--force"])
+    notes.append(f"then compare: fcnseg models {name} (the rebuild registers a new version)")
+    return Plan(name, number, commands, notes, tracking_uri, optional)
 
 
 def run_plan(plan_: Plan, root: Path) -> None:

@@ -250,7 +250,8 @@ def start_stage_run(run: RunDir, stash: RunDir, config: dict[str, Any]) -> RunDi
     """Before a DVC stage trains into ``run``: resume in place (the same config, ``dvc repro``), or from the stash
     (an interrupted ``dvc exp run``), or start over with the old run set aside. Returns the set-aside run, if any."""
     recorded = run.recorded_config()
-    if recorded is not None and not config_differences(recorded, config) and run.last.is_file():
+    unfinished = run.last.is_file() and not run.result_file.is_file()  # a finished run is trained again, not resumed
+    if recorded is not None and not config_differences(recorded, config) and unfinished:
         return None
     stashed = stash.recorded_config()
     if stash.last.is_file() and (stashed is None or not config_differences(stashed, config)):
@@ -262,9 +263,11 @@ def start_stage_run(run: RunDir, stash: RunDir, config: dict[str, Any]) -> RunDi
     if not run.path.exists():
         return None
     differing = config_differences(recorded, config) if recorded is not None else ["(no recorded config)"]
+    held = (f"a run of another config (differs in: {', '.join(differing[:8])})" if differing else
+            "a finished run of this config (its code or data changed, or --force)")
     aside = set_aside(run)
-    print(f"{run.path} holds a run of another config (differs in: {', '.join(differing[:8])}); starting over (the old "
-          f"run waits in {aside.path} until the new one has written its first checkpoint)", flush=True)
+    print(f"{run.path} holds {held}; starting over (the old run waits in {aside.path} until the new one has "
+          f"written its first checkpoint)", flush=True)
     return aside
 
 
@@ -362,7 +365,11 @@ def finish(cfg: DictConfig, run: RunDir, best: Path, score: float | None, logger
     result: dict[str, Any] = {"best_checkpoint": str(best), "best_score": None if score is None else float(score),
                               "run_id": logger.run_id if logger else None}
     if logger is not None and logger.offline_since is None:
+        from fcnseg.runs import ui_links
+
         result["model_uri"] = log_training_outputs(cfg, logger.run_id, best, evaluate=evaluate)
+        for line in ui_links(logger._tracking_uri, experiment_id=logger.experiment_id, run_id=logger.run_id):
+            print(f"MLflow {line}", flush=True)
     elif logger is not None:
         import logging
 

@@ -137,3 +137,25 @@ def config_params(cfg: Any) -> dict[str, str]:
 
     container = OmegaConf.to_container(cfg, resolve=True)
     return {key: ("" if value is None else str(value)[:500]) for key, value in flatten(container).items()}
+
+
+# MLflow 3.17's UI opens an experiment in its GenAI view (traces: empty for us) unless the URL asks for the model
+# training view; the experiment tag mlflow.experimentKind does not change that.
+UI_VIEW = "workflowType=machine_learning"
+
+
+def ui_links(uri: str, *, experiment_id: str | None = None, run_id: str | None = None,
+             model: tuple[str, int | str] | None = None) -> list[str]:
+    """MLflow UI links for a store: the experiment's runs table (where runs are compared), a run, a model version.
+    A local store has no UI of its own: the links are where ``mlflow ui --backend-store-uri URI`` serves it."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    links = []
+    if experiment_id is not None:
+        links.append(f"runs of the experiment: {base}/#/experiments/{experiment_id}?{UI_VIEW}")
+        if run_id is not None:
+            links.append(f"this run: {base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW}")
+    if model is not None:
+        links.append(f"model version: {base}/#/models/{model[0]}/versions/{model[1]}?{UI_VIEW}")
+    if links and not uri.startswith(("http://", "https://")):
+        links.append(f"(open with: mlflow ui --backend-store-uri {uri})")
+    return links

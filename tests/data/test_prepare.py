@@ -27,6 +27,14 @@ server, voc_bytes = helpers.server, helpers.voc_bytes  # fixtures
 VOC_IDS, closed_port_url, resource_for = helpers.VOC_IDS, helpers.closed_port_url, helpers.resource_for
 
 
+@pytest.fixture(autouse=True)
+def extracted_cache(tmp_path, monkeypatch) -> Path:
+    """Each test its own machine-wide extraction cache (the user's ~/.cache is never touched)."""
+    cache = tmp_path / "extracted-cache"
+    monkeypatch.setenv("FCNSEG_EXTRACTED_CACHE", str(cache))
+    return cache
+
+
 def _assert_ready_voc(root: Path) -> None:
     assert is_complete(root)
     for split, ids in VOC_IDS.items():
@@ -287,3 +295,32 @@ def test_fetch_with_a_local_tarball_then_prepare_stage_downloads_nothing(voc_byt
     _assert_ready_voc(root)
     with pytest.raises(ConfigError, match="data.pinned_md5"):
         pipeline.prepare(OmegaConf.merge(cfg, {"data": {"pinned_md5": "f" * 32}}))
+
+
+def test_one_extraction_per_machine_is_shared_by_every_workspace(voc_bytes, tmp_path, extracted_cache):
+    """The workspace and a queued experiment's temporary copy (another data_dir, no tarball there, offline) share
+    one extraction: the second gets hard links to the first's files, and the same marker (same data version)."""
+    resource = resource_for(voc_bytes, [closed_port_url()])
+    tarball = tmp_path / "voc.tar"
+    tarball.write_bytes(voc_bytes)
+    workspace = prepare_voc(tmp_path / "workspace" / "data", tarball=tarball, progress=False, voc_resource=resource)
+    [cached] = list(extracted_cache.glob("*/VOC2012"))
+    assert cached.parent.name == resource.md5
+
+    queued = prepare_voc(tmp_path / "exps" / "tmp1" / "data", progress=False, voc_resource=resource)  # offline
+    _assert_ready_voc(queued)
+    image = next((queued / "JPEGImages").iterdir())
+    assert os.stat(image).st_ino == os.stat(workspace / "JPEGImages" / image.name).st_ino  # one copy on disk
+    assert (queued / ".complete").read_bytes() == (workspace / ".complete").read_bytes()
+    assert not (tmp_path / "exps" / "tmp1" / "data" / "downloads").exists()  # nothing fetched for it
+
+
+def test_without_the_cache_each_workspace_extracts_its_own(voc_bytes, tmp_path, monkeypatch):
+    monkeypatch.setenv("FCNSEG_EXTRACTED_CACHE", "off")
+    resource = resource_for(voc_bytes, [closed_port_url()])
+    tarball = tmp_path / "voc.tar"
+    tarball.write_bytes(voc_bytes)
+    first = prepare_voc(tmp_path / "a", tarball=tarball, progress=False, voc_resource=resource)
+    with pytest.raises(FetchError):  # offline, no tarball: a second workspace cannot be prepared
+        prepare_voc(tmp_path / "b", progress=False, voc_resource=resource)
+    _assert_ready_voc(first)

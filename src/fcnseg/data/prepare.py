@@ -29,6 +29,7 @@ from fcnseg.data.voc import COMPLETE_MARKER
 from fcnseg.errors import ConfigError
 
 SOURCES = ("voc", "synthetic")
+CACHE_ENV = "FCNSEG_EXTRACTED_CACHE"
 VOC_DIRS = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
 
 
@@ -68,12 +69,54 @@ def _extracted_from(root: Path) -> str | None:
         return None
 
 
+def extracted_cache(resource: Resource, subdir: str) -> Path | None:
+    """Where this machine keeps ``subdir`` of the archive extracted once, keyed by the archive's MD5, outside every
+    workspace: ``$FCNSEG_EXTRACTED_CACHE`` (``off``: no cache), else ``~/.cache/fcnseg/extracted``."""
+    base = os.environ.get(CACHE_ENV, str(Path.home() / ".cache" / "fcnseg" / "extracted"))
+    return None if base in ("", "off") else Path(base) / resource.md5 / Path(subdir).name
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """``target`` as a tree of hard links to ``source``'s files (a copy where linking fails), renamed into place."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem
+            shutil.copy2(src, dst)
+
+    staging = target.with_name(f"{target.name}.tmp-link-{os.getpid()}")
+    shutil.copytree(source, staging, copy_function=link, symlinks=True)
+    os.replace(staging, target)
+
+
 def _extract_once(root: Path, resource: Resource, subdir: str, data_dir: Path, local: str | Path | None,
                   ways_out: str, progress: bool) -> Path:
-    """``root`` from ``subdir`` of the archive (a local copy if given, else downloaded or already downloaded).
-    A ``root`` extracted from another archive (a new pin) is replaced."""
+    """``root`` from ``subdir`` of the archive. Extracted once per machine into :func:`extracted_cache` (from a
+    local copy if given, else downloaded or already downloaded), then linked into ``root``: the workspace and every
+    ``--temp``/``--queue`` experiment share one extraction and its disk space. A ``root`` extracted from another
+    archive (a new pin) is replaced."""
     if _extracted_from(root) == resource.md5:
         return root
+    cache = extracted_cache(resource, subdir)
+    if cache is None:
+        return _extract(root, resource, subdir, data_dir, local, ways_out, progress)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache.parent / ".extract.lock"):  # queue workers of one machine share it
+        if _extracted_from(cache) != resource.md5:
+            _extract(cache, resource, subdir, data_dir, local, ways_out, progress)
+    for leftover in root.parent.glob(f"{root.name}.tmp-*"):
+        _remove(leftover)
+    if root.exists() or root.is_symlink():
+        _remove(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"linking {root} to the extraction in {cache}", file=sys.stderr, flush=True)
+    _link_tree(cache, root)
+    return root
+
+
+def _extract(root: Path, resource: Resource, subdir: str, data_dir: Path, local: str | Path | None,
+             ways_out: str, progress: bool) -> Path:
     downloads = data_dir / "downloads"
     if local is not None:
         archive = use_local_tarball(local, resource, downloads)

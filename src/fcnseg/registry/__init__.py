@@ -12,7 +12,7 @@ from fcnseg.errors import TrackingError
 from fcnseg.registry.gate import PER_CLASS_MARGIN, PromotionDecision, decide, per_class_deltas
 from fcnseg.registry.promotion import CHAMPION, promote
 from fcnseg.registry.store import client_for, sqlite_path
-from fcnseg.registry.versions import CHALLENGER, list_versions, register_model
+from fcnseg.registry.versions import CHALLENGER, list_versions, register_model, registered_as
 
 __all__ = ["CHALLENGER", "CHAMPION", "PER_CLASS_MARGIN", "PromotionDecision", "TrackingError", "client_for",
-           "decide", "list_versions", "per_class_deltas", "promote", "register_model", "sqlite_path"]
+           "decide", "list_versions", "per_class_deltas", "promote", "register_model", "registered_as", "sqlite_path"]

@@ -12,7 +12,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fcnseg.errors import TrackingError
-from fcnseg.lineage import DVC_LOCK_PREFIX, GIT_COMMIT, GIT_DIRTY
+from fcnseg.lineage import DVC_LOCK_PREFIX, EXP_BASELINE, EXP_NAME, GIT_COMMIT, GIT_DIRTY
 from fcnseg.model_card import publish_model_card
 from fcnseg.registry.gate import mean_iou
 from fcnseg.registry.locks import registry_lock
@@ -20,7 +20,7 @@ from fcnseg.registry.store import as_tracking_error, retry, store_uri
 from fcnseg.runs import using_store
 
 CHALLENGER = "challenger"
-LINEAGE_RUN_TAGS = (GIT_COMMIT, GIT_DIRTY, "mlflow.source.git.commit")
+LINEAGE_RUN_TAGS = (GIT_COMMIT, GIT_DIRTY, "mlflow.source.git.commit", EXP_NAME, EXP_BASELINE)
 
 
 def register_model(model_uri: str, name: str, *, val_mean_iou: float | None, data_version: str | None,
@@ -58,6 +58,15 @@ def register_model(model_uri: str, name: str, *, val_mean_iou: float | None, dat
             publish_model_card(client, version)
         version = retry(client.get_model_version, name, version.version)
     return version
+
+
+def registered_as(client: mlflow.MlflowClient, name: str, model_uri: str) -> ModelVersion | None:
+    """The version of ``name`` whose source is ``model_uri``, if it was registered already; else None (the DVC
+    register stage registers a training run's model once, however often it re-runs)."""
+    if not retry(client.search_registered_models, filter_string=f"name = '{name}'"):
+        return None
+    found = [v for v in retry(client.search_model_versions, f"name = '{name}'") if v.source == model_uri]
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def _copy_run_lineage(client: mlflow.MlflowClient, name: str, version: ModelVersion, lineage: dict[str, str]) -> None:

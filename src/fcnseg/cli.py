@@ -68,6 +68,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="evaluation", help="where metrics.json and plots go (default: evaluation)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--num-overlays", type=int, default=8)
+    p.add_argument("--tta", default="none", help="test-time augmentation, a conf/tta setting: none (default), flip, "
+                   "mmseg (scales 0.5-1.75 + flip: 12 passes per image)")
     p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
                    help="auto (default): the fastest path for this device/CPU; torch; onnx (onnxruntime, CPU)")
     _tracking_uri_option(p)
@@ -78,9 +80,11 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     from fcnseg.evaluate import evaluate_segmenter, print_report, write_reports
     from fcnseg.runtime import load_runtime_segmenter
+    from fcnseg.tta import as_tta
 
     segmenter = load_runtime_segmenter(args.model, args.runtime, device=args.device, variant=args.variant,
                                        tracking_uri=args.tracking_uri)
+    segmenter.tta = as_tta(args.tta)
     report = evaluate_segmenter(segmenter, args.data, args.split, num_overlays=args.num_overlays, progress=True)
     out = Path(args.out)
     write_reports(report, out / "metrics.json", out)
@@ -95,6 +99,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="predictions", help="output directory (default: predictions)")
     p.add_argument("--batch-size", type=int, default=8, help="images of the same size per forward pass")
     p.add_argument("--tile-size", type=int, help="segment images larger than this by overlapping windows")
+    p.add_argument("--tta", default="none", help="test-time augmentation, a conf/tta setting: none (default), flip, "
+                   "mmseg (scales 0.5-1.75 + flip: 12 passes per image; not applied to --tile-size windows)")
     p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
                    help="auto (default): the fastest path for this device/CPU; torch; onnx (onnxruntime, CPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
@@ -106,10 +112,13 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 def predict(args: argparse.Namespace) -> None:
     from fcnseg.predict import check_writable, predict_files
     from fcnseg.runtime import load_runtime_segmenter
+    from fcnseg.tta import as_tta
 
     check_writable(args.out)  # before the model loads: an unwritable --out must not cost a model load
+    tta = as_tta(args.tta)
     segmenter = load_runtime_segmenter(args.model, args.runtime, device=args.device, variant=args.variant,
                                        tracking_uri=args.tracking_uri)
+    segmenter.tta = tta
     summary = predict_files(args.inputs, segmenter, args.out, batch_size=args.batch_size, tile_size=args.tile_size)
     print(f"segmented {len(summary.written)} image(s) into {args.out}"
           + (f"; skipped {len(summary.skipped)} unreadable file(s)" if summary.skipped else ""))

@@ -55,8 +55,12 @@ def evaluate_segmenter(segmenter, data_root: str | Path, split: str, num_overlay
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: str, num_overlays: int = 0,
-                        device: str | None = None, progress: bool = False) -> EvaluationReport:
+                        device: str | None = None, progress: bool = False, tta=None) -> EvaluationReport:
+    """``tta``: None, a conf/tta mapping (``scales``, ``flip``) or preset name: see :func:`fcnseg.tta.as_tta`."""
+    from fcnseg.tta import as_tta
+
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device)
+    segmenter.tta = as_tta(tta)
     return evaluate_segmenter(segmenter, data_root, split, num_overlays, progress)
 
 

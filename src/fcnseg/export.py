@@ -30,7 +30,7 @@ OPSET = 17
 
 # What the ONNX model's code needs (all torch-free), relative to the fcnseg package
 ONNX_BUNDLED_MODULES = ("__init__.py", "errors.py", "image_io.py", "serving_io.py", "serving_guard.py",
-                        "onnx_model.py", "data/__init__.py", "data/classes.py")
+                        "onnx_model.py", "tta_spec.py", "data/__init__.py", "data/classes.py")
 ONNX_REQUIREMENTS = ("onnxruntime", "numpy", "pillow")
 
 
@@ -178,5 +178,5 @@ class OnnxRuntimeSegmenter(Segmenter):
             self.parity = export_onnx(self, Path(tmp) / "model.onnx", sizes=((33, 47), (64, 64)))
             self.onnx = OnnxSegmenter(Path(tmp) / "model.onnx", metadata_for(self), threads)  # loaded: file may go
 
-    def scores(self, images: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(self.onnx.scores(images))
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.onnx.session.run(None, {self.onnx.input_name: batch.numpy()})[0])

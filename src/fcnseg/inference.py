@@ -71,6 +71,7 @@ class Segmenter:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.normalization = normalization
         self.class_names = list(class_names or VOC_CLASSES)
+        self.tta = None  # a fcnseg.tta_spec.TTASpec: test-time augmentation of whole-image predictions
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -87,10 +88,13 @@ class Segmenter:
         net, normalization, class_names = build_net(path)
         return cls(net, normalization, class_names, device, precision, channels_last)
 
-    @torch.inference_mode()
     def scores(self, images: list[np.ndarray]) -> torch.Tensor:
         """Class scores (N, C, H, W) for RGB uint8 images of one size."""
-        batch = torch.stack([normalize_image(image, self.normalization) for image in images])
+        return self.forward(torch.stack([normalize_image(image, self.normalization) for image in images]))
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class scores (N, C, H, W) float32 of a normalised float32 batch on the host."""
         if self.device.type == "cuda":  # pinned host memory: the copy runs as a DMA, not through pageable memory
             batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)
@@ -101,7 +105,13 @@ class Segmenter:
         return scores.float()
 
     def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Label maps (HxW uint8) for RGB uint8 images of one size."""
+        """Label maps (HxW uint8) for RGB uint8 images of one size; with :attr:`tta`, of the averaged softmax of
+        the augmented passes (:func:`fcnseg.tta.tta_probabilities`)."""
+        if self.tta is not None and self.tta.active:
+            from fcnseg.tta import tta_probabilities
+
+            return [tta_probabilities(self, image, self.tta).argmax(0).to(torch.uint8).cpu().numpy()
+                    for image in images]
         return list(self.scores(images).argmax(1).to(torch.uint8).cpu().numpy())
 
     def predict(self, image: np.ndarray, tile_size: int | None = None) -> np.ndarray:
@@ -125,7 +135,8 @@ class Segmenter:
         return out  # type: ignore[return-value]
 
     def predict_sliding(self, image: np.ndarray, tile_size: int, overlap: float = 1 / 3) -> np.ndarray:
-        """Averages the scores of overlapping ``tile_size`` windows: bounded memory for any image size."""
+        """Averages the scores of overlapping ``tile_size`` windows: bounded memory for any image size (no TTA:
+        the windows' averaging is its own ensemble, and TTA's up-scaled windows would break the memory bound)."""
         height, width = image.shape[:2]
         stride = max(1, int(tile_size * (1 - overlap)))
         total = torch.zeros(len(self.class_names), height, width)

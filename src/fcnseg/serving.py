@@ -27,6 +27,7 @@ from fcnseg.models.checkpoint import atomic_torch_save, read_checkpoint, weights
 from fcnseg.serving_guard import install as install_guard
 from fcnseg.serving_io import (SIGNATURE, ForwardCost, Limits, answer_rows, decode_label_map,  # noqa: F401
                                encode_image)
+from fcnseg.tta_spec import tta_from_env
 
 
 class FCNSegmenter(mlflow.pyfunc.PythonModel):
@@ -38,10 +39,13 @@ class FCNSegmenter(mlflow.pyfunc.PythonModel):
         install_guard(self.limits.max_request_bytes)
         # "checkpoint": models logged before the weights-only format (a whole training checkpoint)
         self.segmenter = Segmenter.from_checkpoint(context.artifacts.get("weights") or context.artifacts["checkpoint"])
+        self.segmenter.tta = tta_from_env()  # $FCNSEG_TTA: none (default), flip, mmseg or "0.5,1,1.5+flip"
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         segmenter = self.segmenter
-        cost = ForwardCost(segmenter.net.conv1_1.out_channels, len(segmenter.class_names))
+        tta = getattr(segmenter, "tta", None)
+        cost = ForwardCost(segmenter.net.conv1_1.out_channels, len(segmenter.class_names),
+                           tta.scales if tta is not None else (1.0,))
         limits = getattr(self, "limits", None) or Limits.from_env()
         return answer_rows(model_input["image"], segmenter.predict, segmenter.class_names, cost, limits)
 
@@ -50,7 +54,7 @@ class FCNSegmenter(mlflow.pyfunc.PythonModel):
 # Python where the project is not importable): paths relative to the fcnseg package.
 BUNDLED_MODULES = (
     "__init__.py", "errors.py", "serving.py", "inference.py", "viz.py", "image_io.py", "serving_io.py",
-    "serving_guard.py",
+    "serving_guard.py", "tta.py", "tta_spec.py",
     "data/__init__.py", "data/classes.py", "data/transforms.py", "data/voc.py",
     "models/__init__.py", "models/fcn.py", "models/weights.py", "models/checkpoint.py", "runs.py",
 )

@@ -146,3 +146,12 @@ def test_every_test_the_pages_cite_exists():
             cited += 1
     assert not missing, "cited tests that do not exist:\n" + "\n".join(missing)
     assert cited >= 30, cited
+
+
+def test_the_readme_stays_a_front_page_and_no_table_cell_becomes_an_essay():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200, "move detail into a docs/ page"
+    for page in [*PAGES, ROOT / "CHANGELOG.md"]:
+        for line in page.read_text().splitlines():
+            if line.startswith("|"):
+                longest = max(len(cell) for cell in line.split("|"))
+                assert longest <= 500, f"{page.name}: a table cell of {longest} characters: {line[:80]}…"

@@ -185,7 +185,7 @@ def test_multirun_with_ddp_is_refused_in_one_line(tmp_path):
     result = run(train_command(["-m", "model=fcn32s,fcn8s", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]))
     assert result.returncode == 2
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert "multirun" in line and "for m in" in line
+    assert "multirun" in line and "hydra/launcher=submitit_slurm" in line and "submitit_local" in line
     assert not (tmp_path / "sweep" / "0" / "checkpoints").exists()
 
 
@@ -352,3 +352,20 @@ def test_dvc_exp_run_with_ddp_trains_the_pipeline_on_two_ranks(fresh_project):
     assert abs(metrics["mean_iou"] - trained["best_score"]) < 1e-6
     [mlflow_run] = runs_in(fresh_project / "mlflow.db")
     assert mlflow_run.data.params["trainer.devices"] == "2"
+
+
+def test_a_sweep_of_ddp_jobs_runs_each_as_its_own_distributed_job_under_submitit(tmp_path):
+    # `-m` with trainer=ddp through Hydra's submitit launcher (submitit_local here, submitit_slurm on a cluster):
+    # 2 jobs, each 2 processes that join as one DDP job; both jobs start at once on a new SQLite store.
+    overrides = [o for o in ddp_overrides(tmp_path, epochs=1) if not o.startswith(("model=", "paths.output_dir="))]
+    command = train_command(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}", "model=fcn32s,fcn8s", *overrides])
+    result = run(command, timeout=500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.err"))
+    assert logs.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # each job: its 2 ranks
+    runs = runs_in(tmp_path / "mlflow.db")
+    assert sorted(r.data.params["model.net.name"] for r in runs) == ["fcn32s", "fcn8s"]  # one run per job
+    for job in ("0", "1"):
+        trained = json.loads((tmp_path / "sweep" / job / "train_result.json").read_text())
+        assert trained["run_id"] in {r.info.run_id for r in runs} and trained["model_uri"]

@@ -29,6 +29,32 @@ def project_root(start: Path | None = None) -> Path:
     return here
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///…`` URI (relative or absolute); None for other stores or in-memory."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database).resolve() if database and database != ":memory:" else None
+
+
+@contextlib.contextmanager
+def store_setup_lock(uri: str) -> Iterator[None]:
+    """Serialises the first use of a SQLite store across processes (parallel sweep jobs, concurrent commands): two
+    processes creating a new database's tables, or the same experiment, at once collide ("table … already
+    exists"). A file lock beside the database; other stores need none."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    from filelock import FileLock
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db.with_name(db.name + ".setup.lock"))):
+        yield
+
+
 def resolve_tracking_uri(explicit: str | None = None) -> str:
     """The store of every command: ``explicit`` (``tracking.tracking_uri``, ``--tracking-uri``), else
     $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db (a real database, no server)."""

@@ -18,6 +18,7 @@ from fcnseg.errors import TrackingError, one_line
 from fcnseg.lineage import EXP_BASELINE, EXP_NAME, GIT_COMMIT, data_version, git_state
 from fcnseg.runs import (
     auth_problem, check_reachable, config_params, is_unreachable_error, limit_http_retries, resolve_tracking_uri,
+    store_setup_lock,
 )
 
 
@@ -87,14 +88,15 @@ def create_logger(cfg: DictConfig, output_dir: Path, run_id: str | None = None) 
     if source.get(GIT_COMMIT):
         tags["mlflow.source.git.commit"] = source[GIT_COMMIT]
     tags.update({key: source[key] for key in (EXP_NAME, EXP_BASELINE) if key in source})
-    return ResilientMLFlowLogger(
-        output_dir=output_dir,
-        experiment_name=cfg.tracking.experiment_name,
-        run_name=cfg.tracking.run_name or cfg.model.name,
-        tracking_uri=uri,
-        tags=tags,
-        run_id=run_id,
-    )
+    with store_setup_lock(uri):  # MLflow's client creates (migrates) a new SQLite store's tables right away
+        return ResilientMLFlowLogger(
+            output_dir=output_dir,
+            experiment_name=cfg.tracking.experiment_name,
+            run_name=cfg.tracking.run_name or cfg.model.name,
+            tracking_uri=uri,
+            tags=tags,
+            run_id=run_id,
+        )
 
 
 def open_run(logger, cfg: DictConfig, resumed: bool = False, changed_keys: list[str] | None = None) -> None:
@@ -104,7 +106,8 @@ def open_run(logger, cfg: DictConfig, resumed: bool = False, changed_keys: list[
     uri = logger._tracking_uri
     check_reachable(uri)
     try:
-        logger.experiment
+        with store_setup_lock(uri):  # jobs of a sweep start at once: one creates the store and the experiment
+            logger.experiment
     except Exception as exc:
         raise TrackingError(auth_problem(exc, "start an MLflow run", uri)
                             or f"cannot use MLflow tracking store {uri}: {one_line(exc)}") from exc

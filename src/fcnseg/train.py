@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -20,14 +21,15 @@ from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from fcnseg.checkpointing import AtomicCheckpointIO, RelocatableCheckpoints, RngStateCheckpoint
+from fcnseg.checkpointing import AtomicCheckpointIO, RelocatableCheckpoints
 from fcnseg.cli_errors import exit_on_user_error, precheck_overrides
 from fcnseg.config import CONFIG_DIR, CONFIG_NAME
 from fcnseg.data.classes import class_names_for
+from fcnseg.distributed import collective_failures_as_one_line, join_submitit_job
 from fcnseg.data.prepare import prepare
 from fcnseg.errors import ConfigError
 from fcnseg.models import init_from_coarser
@@ -70,6 +72,31 @@ def build_module(cfg: DictConfig) -> SegmentationModule:
     return module
 
 
+def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> dict[str, Callback]:
+    """The ``callbacks`` config group, instantiated by key; a ModelCheckpoint without a dirpath writes to the run's
+    ``checkpoint_dir``. ``best_checkpoint`` is required: it is the checkpoint the run reports and registers."""
+    callbacks: dict[str, Callback] = {}
+    for key, conf in (cfg.get("callbacks") or {}).items():
+        if conf is None:  # `callbacks.lr_monitor=null` drops one, as `~callbacks.lr_monitor` does
+            continue
+        is_checkpoint = issubclass(hydra.utils.get_class(conf._target_), ModelCheckpoint)
+        extra = {"dirpath": str(checkpoint_dir)} if is_checkpoint and conf.get("dirpath") is None else {}
+        callbacks[key] = instantiate(conf, **extra)
+    if not isinstance(callbacks.get("best_checkpoint"), ModelCheckpoint):
+        raise ConfigError("callbacks.best_checkpoint must be a lightning.pytorch.callbacks.ModelCheckpoint: it is the "
+                          "checkpoint the run reports, evaluates and registers (see conf/callbacks/default.yaml)")
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
+    """The ``logger`` config group (MLflow aside: :mod:`fcnseg.tracking`); ``save_dir`` null = the run's dir."""
+    loggers = []
+    for conf in (cfg.get("logger") or {}).values():
+        if conf is not None:
+            loggers.append(instantiate(conf, **({"save_dir": str(output_dir)} if conf.get("save_dir") is None else {})))
+    return loggers
+
+
 def prepare_generated_data(cfg: DictConfig) -> None:
     """Synthetic data is generated offline in seconds, so training never waits on a manual step. Under DDP every
     rank gets here: the lock makes one process per node write it while the others wait, then find it complete."""
@@ -100,24 +127,14 @@ def train(cfg: DictConfig, output_dir: Path | None = None, *, evaluate: bool = T
     datamodule = instantiate(cfg.data.datamodule)
     module = build_module(cfg)
     logger = run_dir.create_logger(cfg, run, resuming=resume_from is not None)
-    checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir, filename="best", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
-        save_top_k=1, enable_version_counter=False,
-    )
-    # The same callbacks on every rank (their state is checkpointed); the CSV logger feeds LearningRateMonitor.
-    # RelocatableCheckpoints: no absolute path in a checkpoint, so a moved or pulled run dir resumes elsewhere
-    callbacks = [checkpoint, RngStateCheckpoint(), LearningRateMonitor("epoch"), RelocatableCheckpoints(),
-                 *extra_callbacks]
-    if cfg.checkpoint.save_last:
-        # Lightning 2.6's save_last only writes when a top-k checkpoint was written in the same step, so an
-        # epoch that does not improve would leave last.ckpt behind: a monitor-less callback writes it every epoch.
-        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
-                                         enable_version_counter=False))
+    callbacks = build_callbacks(cfg, checkpoint_dir)
+    checkpoint = callbacks["best_checkpoint"]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg["precision"])
     earlier_rows = csv_rows_before(run, resume_from)
-    # metrics.csv in the output dir feeds `dvc plots`; MLflow is the run's record for people.
-    loggers = [CSVLogger(save_dir=str(output_dir), name="", version="")] + ([logger] if logger else [])
+    loggers = build_loggers(cfg, output_dir) + ([logger] if logger else [])
+    # RelocatableCheckpoints: no absolute path in a checkpoint, so a moved or pulled run dir resumes elsewhere
+    callbacks = [*callbacks.values(), RelocatableCheckpoints(), *extra_callbacks]
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers,
                                      default_root_dir=str(output_dir), plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:  # the Trainer knows the global rank (torchrun, SLURM or Lightning's own launcher)
@@ -126,13 +143,29 @@ def train(cfg: DictConfig, output_dir: Path | None = None, *, evaluate: bool = T
             run.write_config(cfg)
         if logger is not None:
             run_dir.open_run(logger, cfg, run, resumed=resume_from is not None, changed_keys=changed_keys)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    with collective_failures_as_one_line(trainer.global_rank, trainer.world_size, strategy_timeout_s(cfg.trainer),
+                                         resume_command(output_dir)):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     best = Path(checkpoint.best_model_path or run.best)
     score = checkpoint.best_model_score
     if not trainer.is_global_zero:
         return {"best_checkpoint": str(best), "best_score": None if score is None else float(score), "run_id": None,
                 "output_dir": str(output_dir)}
     return run_dir.finish(cfg, run, best, score, logger, earlier_rows=earlier_rows, evaluate=evaluate)
+
+
+def strategy_timeout_s(trainer_cfg: DictConfig) -> float | None:
+    strategy = trainer_cfg.get("strategy")
+    timeout = strategy.get("timeout") if isinstance(strategy, DictConfig) else None
+    return float(timeout.seconds) if isinstance(timeout, DictConfig) and "seconds" in timeout else None
+
+
+def resume_command(output_dir: Path) -> str:
+    """The command that continues this run from its last checkpoint: the same overrides, in the same run dir."""
+    if not HydraConfig.initialized():  # a DVC stage (dvc repro / dvc exp run) or a Python caller
+        return f"the same command (ckpt_path=last continues from {output_dir / 'checkpoints' / 'last.ckpt'})"
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("paths.output_dir=")]
+    return "python -m fcnseg.train " + shlex.join([*overrides, f"paths.output_dir={output_dir}"])
 
 
 def is_distributed(trainer_cfg: DictConfig) -> bool:
@@ -144,14 +177,19 @@ def is_distributed(trainer_cfg: DictConfig) -> bool:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=CONFIG_NAME)
 def hydra_main(cfg: DictConfig) -> float | None:
     with exit_on_user_error():
-        if HydraConfig.get().mode == RunMode.MULTIRUN and is_distributed(cfg.trainer):
-            # Lightning's DDP launcher re-runs the command line once per rank, and a sweep's command line is the
-            # whole sweep: each rank would start every job. One distributed run per command, then.
-            raise ConfigError(
-                "Hydra multirun (-m) cannot run distributed jobs (trainer=ddp); sweep with one command per job, e.g. "
-                "`for m in fcn32s fcn8s; do python -m fcnseg.train trainer=ddp model=$m; done`, or queue them with "
-                "`dvc exp run --queue -S trainer=ddp -S model=...`"
-            )
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and is_distributed(cfg.trainer):
+            if "submitit" not in str(hydra_cfg.launcher.get("_target_", "")):
+                # Lightning's DDP launcher re-runs the command line once per rank, and a sweep's command line is
+                # the whole sweep: each rank would start every job. Submitit starts each job's ranks itself.
+                raise ConfigError(
+                    "Hydra multirun (-m) with the basic launcher cannot run distributed jobs (trainer=ddp); run each "
+                    "job as its own distributed job with the submitit launcher: `-m hydra/launcher=submitit_slurm "
+                    "hydra.launcher.nodes=N hydra.launcher.tasks_per_node=G hydra.launcher.gpus_per_node=G` on "
+                    "SLURM, or hydra/launcher=submitit_local here; or sweep with one command per job (`for m in "
+                    "fcn32s fcn8s; do python -m fcnseg.train trainer=ddp model=$m; done`)"
+                )
+            join_submitit_job()
         return train(cfg)["best_score"]  # returned for Hydra sweepers
 
 
@@ -169,7 +207,31 @@ def launcher_run_dir(env: dict[str, str] | None = None) -> str | None:
     return None
 
 
+def expand_launcher_options(argv: list[str]) -> list[str]:
+    """Two options for launchers that pass each value as one quoted argument (``mlflow run``'s MLproject):
+
+    - ``--overrides "A=1 B='x y'"``: several Hydra overrides in one argument, split as a shell would;
+    - ``--optional KEY=VALUE``: the override ``KEY=VALUE``, left out when VALUE is empty (the config's own value).
+    """
+    expanded, args = [], iter(argv)
+    for arg in args:
+        if arg in ("--overrides", "--optional"):
+            value = next(args, None)
+            if value is None:
+                raise ConfigError(f"{arg} needs a value, e.g. {arg} 'trainer.devices=2'")
+            if arg == "--overrides":
+                expanded.extend(shlex.split(value))
+            elif value.partition("=")[2]:
+                expanded.append(value)
+        else:
+            expanded.append(arg)
+    return expanded
+
+
 def main() -> None:
+    with exit_on_user_error():
+        # in place: Lightning's DDP launcher starts the other ranks with this same command line
+        sys.argv[1:] = expand_launcher_options(sys.argv[1:])
     precheck_overrides(CONFIG_DIR, CONFIG_NAME)
     run_dir = launcher_run_dir()
     if run_dir and not any(arg.startswith("hydra.run.dir=") for arg in sys.argv[1:]):

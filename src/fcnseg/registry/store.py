@@ -13,20 +13,10 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from fcnseg.errors import TrackingError, one_line
-from fcnseg.runs import auth_problem
+from fcnseg.runs import auth_problem, sqlite_path  # noqa: F401 (sqlite_path: used below and by callers)
 
 LOCKED_RETRIES = 6  # "database is locked": another process holds SQLite's write lock; back off and retry
 T = TypeVar("T")
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///…`` URI (relative or absolute); None for other stores or in-memory."""
-    if not uri.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    return Path(database).resolve() if database and database != ":memory:" else None
 
 
 def client_for(tracking_uri: str) -> mlflow.MlflowClient:

@@ -76,3 +76,39 @@ def rss_bytes(pid: int) -> int:
         except (OSError, StopIteration):
             continue
     return total
+
+
+def load_test(url: str, bodies: list[bytes], clients: int, requests_per_client: int,
+              timeout: float = 120.0) -> dict:
+    """``clients`` threads each POST ``requests_per_client`` bodies (cycling through ``bodies``, each client from
+    its own offset); latency percentiles of all requests, counts by status, and transport errors."""
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(offset: int) -> list[tuple[int, float]]:
+        done = []
+        for i in range(requests_per_client):
+            started = time.perf_counter()
+            try:
+                status = post(url, bodies[(offset + i) % len(bodies)], timeout=timeout)[0]
+            except OSError:
+                status = -1  # no HTTP answer at all (refused, reset, timed out)
+            done.append((status, time.perf_counter() - started))
+        return done
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    wall = time.perf_counter() - started
+    latencies = sorted(t for _, t in results)
+    statuses: dict[str, int] = {}
+    for status, _ in results:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+
+    def percentile(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
+    return {"requests": len(results), "clients": clients, "wall_s": wall, "statuses": statuses,
+            "transport_errors": statuses.get("-1", 0), "server_errors": sum(n for s, n in statuses.items()
+                                                                             if s.startswith("5")),
+            "p50_s": statistics.median(latencies), "p95_s": percentile(0.95), "max_s": latencies[-1]}

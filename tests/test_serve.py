@@ -131,3 +131,20 @@ def test_oversized_and_malformed_bodies_get_bounded_one_line_errors(served: dict
     status, payload, _ = post(served["url"], records(encode_image(noise_image(16, 16))))
     assert status == 200 and payload["predictions"][0]["error"] == ""
     assert served["server"].poll() is None
+
+
+def test_a_small_load_of_mixed_requests_is_answered_and_the_server_holds(served: dict) -> None:
+    """The bounded version of benchmarks/serving_load.py: 4 clients x 4 requests, good and bad mixed."""
+    from tests.model_server import load_test
+
+    bodies = [records(encode_image(noise_image(60, 80, seed=5))),
+              records(base64.b64encode(png_claiming_size(10_000, 10_000)).decode()),
+              b"\x00junk" * 600_000,  # 3 MB: over this server's 2 MB limit
+              records(base64.b64encode(b"not an image").decode())]
+    before = rss_bytes(served["server"].pid)
+    result = load_test(served["url"], bodies, clients=4, requests_per_client=4, timeout=120)
+    after = rss_bytes(served["server"].pid)
+    assert result["transport_errors"] == 0 and result["server_errors"] == 0, result
+    assert result["statuses"] == {"200": 4, "400": 8, "413": 4}, result
+    assert served["server"].poll() is None
+    assert after - before < 300 * 1024 * 1024, (before, after)

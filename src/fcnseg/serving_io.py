@@ -13,6 +13,7 @@ import binascii
 import io
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,10 +44,22 @@ MAX_FORWARD_MB_ENV = "FCNSEG_MAX_FORWARD_MB"  # largest forward-pass memory one 
 MiB = 1024 * 1024
 
 
+CONCURRENT_ENV = "FCNSEG_CONCURRENT_FORWARDS"  # forward passes a server runs at once (default 1)
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+
+
+def _forward_slots(count: int) -> threading.BoundedSemaphore:
+    """One process-wide semaphore per count: MLflow's server runs each request in its own thread, and N
+    concurrent passes would need N times the memory the limit was checked against (the net already uses every
+    core, so running them one at a time costs no throughput on CPU)."""
+    return _SLOTS.setdefault(count, threading.BoundedSemaphore(count))
+
+
 @dataclass(frozen=True)
 class Limits:
     max_request_bytes: int = 32 * MiB
     max_forward_bytes: int = 4096 * MiB
+    concurrent_forwards: int = 1
 
     @classmethod
     def from_env(cls) -> "Limits":
@@ -57,8 +70,11 @@ class Limits:
             except ValueError:
                 raise DataError(f"${name} must be a number of megabytes, got {value!r}") from None
 
+        concurrent = os.environ.get(CONCURRENT_ENV, "").strip() or "1"
+        if not concurrent.isdigit() or int(concurrent) < 1:
+            raise DataError(f"${CONCURRENT_ENV} must be a positive integer, got {concurrent!r}")
         return cls(megabytes(MAX_REQUEST_MB_ENV, cls.max_request_bytes),
-                   megabytes(MAX_FORWARD_MB_ENV, cls.max_forward_bytes))
+                   megabytes(MAX_FORWARD_MB_ENV, cls.max_forward_bytes), int(concurrent))
 
 
 @dataclass(frozen=True)
@@ -139,7 +155,9 @@ def answer_rows(images: Sequence, segment: Callable[[np.ndarray], np.ndarray], c
     rows, errors = [], []
     for index, encoded in enumerate(images):
         try:
-            label_map = segment(decode_row(encoded, index, cost, limits))
+            image = decode_row(encoded, index, cost, limits)
+            with _forward_slots(limits.concurrent_forwards):  # bounded peak memory under concurrent requests
+                label_map = segment(image)
         except DataError as exc:
             errors.append(str(exc))
             rows.append({"mask": "", "height": 0, "width": 0, "class_pixels": "{}", "error": str(exc)})

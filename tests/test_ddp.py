@@ -166,20 +166,6 @@ def test_torchrun_ranks_share_one_run_dir_and_one_mlflow_run(tmp_path):
     assert not [p for p in (tmp_path / "data" / "synthetic").iterdir() if ".tmp-" in p.name]
 
 
-def test_dvc_train_stage_under_ddp_writes_its_outputs_once(tmp_path):
-    # The DVC stage's command (python -m fcnseg.pipeline train), which Lightning re-runs for rank 1.
-    params = tmp_path / "params.yaml"
-    compose = [sys.executable, "-m", "fcnseg.pipeline", "params", "--params", str(params),
-               *[o for o in ddp_overrides(tmp_path, epochs=1) if not o.startswith("paths.output_dir=")]]
-    assert run(compose).returncode == 0
-    result = run([sys.executable, "-m", "fcnseg.pipeline", "train", "--params", str(params)], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    train_dir = tmp_path / "artifacts" / "train"
-    assert (train_dir / "checkpoints" / "best.ckpt").is_file()
-    assert json.loads((train_dir / "train_result.json").read_text())["model_uri"]
-    assert len(runs_in(tmp_path / "mlflow.db")) == 1
-
-
 def test_multirun_with_ddp_is_refused_in_one_line(tmp_path):
     overrides = [o for o in ddp_overrides(tmp_path) if not o.startswith(("model=", "paths.output_dir="))]
     result = run(train_command(["-m", "model=fcn32s,fcn8s", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]))

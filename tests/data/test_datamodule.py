@@ -64,6 +64,17 @@ def test_fewer_images_than_a_batch_is_a_data_error(voc_root):
     assert "\n" not in str(info.value) and "6 images" in str(info.value)
 
 
+def test_too_few_images_per_ddp_process_for_a_batch_is_a_data_error_not_an_empty_run(voc_root):
+    # 6 images on 3 processes are 2 each: a batch of 4 would never fill (Lightning would train nothing)
+    import lightning as L
+
+    datamodule = make_datamodule(voc_root, batch_size=4)
+    datamodule.trainer = L.Trainer(accelerator="cpu", devices=3, strategy="ddp", logger=False)  # not launched
+    with pytest.raises(DataError, match="2 per process over 3 processes") as info:
+        datamodule.setup("fit")
+    assert "use fewer devices" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_caffe_normalization_reaches_the_batches(voc_root):
     datamodule = make_datamodule(voc_root, normalization="caffe")
     datamodule.setup("validate")

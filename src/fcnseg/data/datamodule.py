@@ -115,11 +115,16 @@ class VOCDataModule(L.LightningDataModule):
             transform = build_train_transform(**self.train_transform, normalization=self.normalization,
                                               seed=self.seed + self._rank())
             self.train_dataset = VOCSegmentation(self.root, self.train_split, transform, sbd_root=self.sbd_root)
-            if len(self.train_dataset) < self.batch_size:
+            # under DDP each process gets its share (the distributed sampler pads it to ceil(n / processes))
+            processes = self.trainer.world_size if self.trainer is not None else _distributed_world()[0]
+            per_process = -(-len(self.train_dataset) // processes)
+            if per_process < self.batch_size:
+                share = f", {per_process} per process over {processes} processes," if processes > 1 else ""
                 raise DataError(
-                    f"split {self.train_split!r} of {self.root} has {len(self.train_dataset)} images, fewer than "
-                    f"batch_size={self.batch_size}; the training loader drops incomplete batches and would yield "
-                    "none: lower data.datamodule.batch_size or add images"
+                    f"split {self.train_split!r} of {self.root} has {len(self.train_dataset)} images{share} fewer "
+                    f"than batch_size={self.batch_size}; the training loader drops incomplete batches and would "
+                    f"yield none: lower data.datamodule.batch_size{', use fewer devices' if processes > 1 else ''} "
+                    "or add images"
                 )
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = VOCSegmentation(self.root, self.val_split, build_eval_transform(self.normalization),

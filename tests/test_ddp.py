@@ -66,8 +66,9 @@ def documented_command(startswith: str, page: str = "docs/multi-gpu.md") -> list
 
 
 def with_tiny_sizes(command: list[str], tmp: Path, **kwargs) -> list[str]:
-    """The command plus tiny sizes: only what the command itself does not set (progress bar and all defaults kept)."""
-    keys = {arg.split("=", 1)[0] for arg in command}
+    """The command plus tiny sizes: only what the command itself does not set; the progress bar, callbacks,
+    loggers and data-loading workers stay as the user gets them."""
+    keys = {arg.split("=", 1)[0] for arg in command} | {"data.datamodule.num_workers"}
     return command + [o for o in tiny_overrides(tmp, **kwargs) if o.split("=", 1)[0] not in keys]
 
 

@@ -30,7 +30,7 @@ DVC = str(Path(sys.executable).with_name("dvc"))
 TARBALL = "VOCtrainval_11-May-2012.tar"
 # The VOC config as it is, shrunk: a width-1/16 FCN-8s from scratch, one epoch over the tarball's 8x8 images.
 VOC_TINY = ["model=fcn8s", "model.net.width=0.0625", "model.net.backbone_weights=null", "trainer=cpu",
-            "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+            "trainer.max_epochs=1",
             "data.datamodule.batch_size=2", "data.datamodule.val_batch_size=1", "data.datamodule.num_workers=0",
             "data.datamodule.pin_memory=false", "data.datamodule.train_transform.crop_size=48",
             "tracking.enabled=false"]

@@ -14,12 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.tiny import ROOT, subprocess_env
+from tests.tiny import ROOT, TINY_SIZES, subprocess_env
 
-TINY = ["data.synthetic.num_train=16", "data.synthetic.num_val=6", "data.synthetic.num_test=4",
-        "data.synthetic.height=48", "data.synthetic.width=48", "data.datamodule.train_transform.crop_size=48", "data.datamodule.batch_size=4",
-        "data.datamodule.num_workers=0", "model.net.width=0.0625", "trainer.max_epochs=2", "trainer.max_time=null",
-        "tracking.num_overlays=2"]
+TINY = [*TINY_SIZES, "trainer.max_epochs=2", "trainer.max_time=null", "tracking.num_overlays=2"]
 
 
 def project_files() -> list[str]:

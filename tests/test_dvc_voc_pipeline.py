@@ -86,6 +86,12 @@ def stored(store: Path, md5: str) -> Path:
     return store / "files" / "md5" / md5[:2] / md5[2:]
 
 
+@pytest.fixture(autouse=True)
+def extracted_cache(tmp_path, monkeypatch):
+    """A machine-wide extraction cache of the test's own (inherited by every dvc/stage subprocess)."""
+    monkeypatch.setenv("FCNSEG_EXTRACTED_CACHE", str(tmp_path / "extracted-cache"))
+
+
 @pytest.fixture
 def mirror():
     tarball = voc_tarball_bytes()

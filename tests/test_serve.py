@@ -148,3 +148,17 @@ def test_a_small_load_of_mixed_requests_is_answered_and_the_server_holds(served:
     assert result["statuses"] == {"200": 4, "400": 8, "413": 4}, result
     assert served["server"].poll() is None
     assert after - before < 300 * 1024 * 1024, (before, after)
+
+
+def test_error_messages_are_shaped_to_one_bounded_line() -> None:
+    from fcnseg.serving_guard import MESSAGE_CHARS, error_message
+
+    body = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "stack_trace": "Traceback (most recent call last)",
+                       "message": "Failed to predict data '   image\n0  iVBOR...'. \nError: row 0: cannot read "
+                                  "/srv/models/x.png; see https://mlflow.org/docs/latest"}).encode()
+    assert error_message(body, 400) == ("INVALID_PARAMETER_VALUE",
+                                        "row 0: cannot read <path>; see https://mlflow.org/docs/latest")
+    code, message = error_message(b"x" * 5_000_000, 400)  # a huge non-JSON body: cut, one line
+    assert code == "BAD_REQUEST" and len(message) == MESSAGE_CHARS
+    assert error_message(b"Request processing time exceeded limit", 504) == (
+        "TIMEOUT", "Request processing time exceeded limit")

@@ -23,7 +23,7 @@ MAX_ERROR_BYTES = 64 * 1024
 MESSAGE_CHARS = 2000  # the one line, cut: room for several rows' errors, far below MAX_ERROR_BYTES
 _DRAIN_AT_MOST = 16  # times the limit: an oversized body is read and dropped up to this, then the answer goes
 _READ_AT_MOST = 256 * 1024  # of an error body MLflow made: the rest is the quoted input
-_PATH = re.compile(r"(?<![\w.:])/(?:[\w.@+-]+/)+[\w.@+-]*")  # /abs/path/like/this
+_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+[\w.@+-]*")  # /abs/path/like/this, not a URL
 _SCORING_APP = "mlflow.pyfunc.scoring_server.app"  # the module `mlflow models serve` runs under uvicorn
 
 

@@ -80,7 +80,7 @@ def git_state(root: str | Path, experiment: dict[str, str] | None = None) -> dic
             excluded = [f":(top,exclude){path}" for path in dvc_applied_paths(root)]
         except Exception:  # no readable DVC project here: count every change
             excluded = []
-    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ":(top).",
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
                   *excluded)
     state = {GIT_COMMIT: commit, GIT_DIRTY: "unknown" if status is None else str(bool(status.strip())).lower()}
     return {**state, **experiment}

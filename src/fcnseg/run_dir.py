@@ -252,6 +252,7 @@ def start_stage_run(run: RunDir, stash: RunDir, config: dict[str, Any]) -> RunDi
     recorded = run.recorded_config()
     unfinished = run.last.is_file() and not run.result_file.is_file()  # a finished run is trained again, not resumed
     if recorded is not None and not config_differences(recorded, config) and unfinished:
+        print(f"resuming the interrupted run of this config from its last checkpoint (in {run.path})", flush=True)
         return None
     stashed = stash.recorded_config()
     if stash.last.is_file() and (stashed is None or not config_differences(stashed, config)):

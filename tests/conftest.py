@@ -71,3 +71,14 @@ def _restore_mlflow_default_uris(monkeypatch):
         else:
             monkeypatch.setenv(name, "unset")
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path():
+    """Loading an MLflow model with ``code_paths`` prepends its code folder to ``sys.path``; processes a later test
+    spawns (torch.multiprocessing, DDP) inherit the parent's ``sys.path`` and would import that partial copy."""
+    import sys
+
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved

@@ -15,7 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from fcnseg import registry
-from fcnseg.reproduce import LOCAL_KEYS, _leaves, compose_at_commit
+from fcnseg.reproduce import LOCAL_KEYS, compose_at_commit
+from fcnseg.runs import flatten
 from tests.test_registry import Echo
 from tests.tiny import ROOT, subprocess_env, tiny_overrides
 
@@ -73,7 +74,7 @@ def reproduce_cli(root: Path, uri: str, *args: str) -> subprocess.CompletedProce
 
 def comparable(config: dict, machine_path: Path | None = None) -> dict:
     """Leaves of a config but the machine-specific ones (and those resolved from ``machine_path``)."""
-    return {k: v for k, v in _leaves(config).items() if not k.startswith(LOCAL_KEYS)
+    return {k: v for k, v in flatten(config).items() if not k.startswith(LOCAL_KEYS)
             and not (machine_path and str(machine_path) in str(v))}
 
 

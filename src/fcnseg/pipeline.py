@@ -163,9 +163,13 @@ def register(cfg: DictConfig) -> None:
     data_version = lineage.data_version(cfg.data.root)
     client = registry.client_for(run.read_record()["tracking_uri"])
     name = cfg.tracking.registered_model_name
+    evaluation = lineage.evaluation_set(cfg.data.root, cfg.data.datamodule.val_split, data_version)
     existing = registry.registered_as(client, name, result["model_uri"])
-    if existing is not None:  # the stage re-ran without a new training run (an evaluation setting changed)
-        print(f"{name} v{existing.version} holds this training run's model already; not registered again")
+    same_claim = existing is not None and (existing.tags or {}).get("val_mean_iou") == repr(float(metrics["mean_iou"])) \
+        and all((existing.tags or {}).get(key) == value for key, value in evaluation.items())
+    if same_claim:  # the stage re-ran without a new training run or a new score (e.g. only the overlay count changed)
+        print(f"{name} v{existing.version} holds this training run's model with this evaluation already; "
+              f"not registered again")
         REGISTER_FILE.parent.mkdir(parents=True, exist_ok=True)
         REGISTER_FILE.write_text(json.dumps({"registered": True, "name": name, "version": int(existing.version),
                                              "promoted": "champion" in (existing.aliases or []),
@@ -174,8 +178,7 @@ def register(cfg: DictConfig) -> None:
     version = registry.register_model(
         result["model_uri"], name, val_mean_iou=metrics["mean_iou"],
         data_version=data_version, client=client, tags={"model": cfg.model.name, **lineage.dvc_experiment()},
-        evaluation=lineage.evaluation_set(cfg.data.root, cfg.data.datamodule.val_split, data_version),
-        per_class_iou=metrics.get("per_class_iou"), lineage=lineage.dvc_lock_hashes(Path.cwd()),
+        evaluation=evaluation, per_class_iou=metrics.get("per_class_iou"), lineage=lineage.dvc_lock_hashes(Path.cwd()),
     )
     decision = registry.promote(cfg.tracking.registered_model_name, version.version, client=client)
     print(decision.report())

@@ -1,7 +1,8 @@
 """``fcnseg reproduce models:/NAME@ALIAS``: the exact commands that rebuild a registered version.
 
-A version trained by ``dvc exp run`` (workspace, ``--temp``, ``--queue``): ``git checkout <baseline>``, ``dvc exp
-apply <name>`` (``dvc exp pull`` first when the team pushed it), ``dvc repro --force``. Otherwise, from the version's
+A version trained by ``dvc exp run`` (workspace, ``--temp``, ``--queue``): ``dvc exp pull`` when only the team has
+it, then ``git checkout <baseline>`` + ``dvc exp apply <name>`` (or ``git checkout <experiment commit>`` where
+data.dvc's tarball is absent, which ``dvc exp apply`` would fail to check out), then ``dvc repro --force``. Otherwise, from the version's
 lineage: ``git checkout <commit>``, the data (synthetic: regenerated from its seed by training;
 VOC: ``dvc pull data.dvc`` from the team's remote, then ``fcnseg fetch``, which verifies the pinned tarball and
 downloads it when the pull could not), then ``python -m fcnseg.train`` with the
@@ -162,7 +163,7 @@ def plan(client, model_uri: str, root: Path) -> Plan:
         logged = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
     experiment = experiment_of(client, version, run, root)
     if experiment is not None:  # trained by `dvc exp run`: DVC's own way back to it, then `dvc repro`
-        return _experiment_plan(version, experiment, notes, client.tracking_uri)
+        return _experiment_plan(version, experiment, notes, client.tracking_uri, root)
     commands: list[list[str]] = []
     optional: dict[int, str] = {}
     if commit:
@@ -208,23 +209,32 @@ def experiment_of(client, version, run, root: Path) -> dict[str, str | None] | N
     return {"name": name, "baseline": baseline, "commit": here or tags.get(EXP_COMMIT), "here": here}
 
 
-def _experiment_plan(version, experiment: dict[str, str | None], notes: list[str], tracking_uri: str) -> Plan:
+def _experiment_plan(version, experiment: dict[str, str | None], notes: list[str], tracking_uri: str,
+                     root: Path) -> Plan:
+    from fcnseg.data.pin import pinned
     from fcnseg.lineage import exp_ref
 
-    name, number = version.name, int(version.version)
-    commands: list[list[str]] = [["git", "checkout", experiment["baseline"]]]
+    name, number, exp = version.name, int(version.version), experiment["name"]
+    ref = exp_ref(experiment["baseline"], exp)
+    commands: list[list[str]] = []
     optional: dict[int, str] = {}
+    notes.append(f"DVC experiment {exp} (commit {str(experiment['commit'] or '?')[:12]}, ref {ref}) on baseline "
+                 f"{experiment['baseline'][:12]}")
     if not experiment["here"]:
-        notes.append(f"experiment {experiment['name']} is not in this repository: fetched from the team's git remote "
-                     f"(`dvc exp push origin {experiment['name']}` shared it)")
-        optional[len(commands)] = "without the shared experiment, the next step names what is missing"
-        commands.append(["dvc", "exp", "pull", "origin", experiment["name"]])
-    notes.append(f"DVC experiment {experiment['name']} (commit {str(experiment['commit'] or '?')[:12]}, ref "
-                 f"{exp_ref(experiment['baseline'], experiment['name'])}) on baseline {experiment['baseline'][:12]}")
+        notes.append(f"experiment {exp} is not in this repository: fetched from the team's git remote (`dvc exp push "
+                     f"origin {exp}` shared it)")
+        commands.append(["dvc", "exp", "pull", "origin", exp])
+    tarball = pinned(root / "data.dvc")[1]
+    if tarball is not None and (root / tarball).is_file():
+        commands += [["git", "checkout", experiment["baseline"]], ["dvc", "exp", "apply", exp]]
+    else:  # `dvc exp apply` also checks out every DVC output, data.dvc's VOC tarball included, and fails without it
+        notes.append(f"the experiment's files checked out onto its baseline, as `dvc exp apply {exp}` does; that "
+                     f"command also checks out data.dvc's VOC tarball, which is not here (dvc pull data.dvc)")
+        commands += [["git", "checkout", experiment["baseline"]],
+                     ["git", "checkout", experiment["commit"] or ref, "--", "."]]
     if (version.tags or {}).get("git_dirty") == "true":
         notes.append("the experiment's workspace had uncommitted changes besides its params: they are not in it")
-    commands.append(["dvc", "exp", "apply", experiment["name"]])
-    notes.append("dvc repro --force trains again (plain `dvc repro` finds the applied outputs up to date)")
+    notes.append("dvc repro --force trains again (plain `dvc repro` finds the experiment's outputs up to date)")
     commands.append(["dvc", "repro", "--force"])
     notes.append(f"then compare: fcnseg models {name} (the rebuild registers a new version)")
     return Plan(name, number, commands, notes, tracking_uri, optional)

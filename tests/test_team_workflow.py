@@ -78,7 +78,7 @@ def test_two_clones_share_runs_through_a_dvc_remote_and_a_tracking_server(tmp_pa
 
     # Bob: a clone at another path; her run arrives without her paths and re-evaluates here
     shell(tmp_path, server, "git", "clone", "-q", str(origin), str(bob))
-    shell(bob, server, DVC, "pull")
+    shell(bob, server, DVC, "pull", "train")
     for name in ("mlflow_run.json", "train_result.json"):
         assert str(alice) not in (bob / "artifacts/train" / name).read_text()
     shell(bob, server, DVC, "exp", "pull", "origin", "alice-base")

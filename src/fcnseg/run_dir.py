@@ -17,6 +17,7 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -238,7 +239,7 @@ def set_aside(run: RunDir) -> RunDir | None:
     if not run.path.exists():
         return None
     # beside the stashes, outside the workspace: neither git nor a DVC experiment's commit picks it up
-    aside = RunDir(project_root() / STASH_DIR / f"previous-{run.path.name}")
+    aside = RunDir(project_root() / STASH_DIR / "previous" / run.path.name)
     aside.path.parent.mkdir(parents=True, exist_ok=True)
     if aside.path.exists():
         shutil.rmtree(aside.path)
@@ -284,6 +285,8 @@ def restore_aside(run: RunDir, aside: RunDir | None) -> None:
 def drop(run: RunDir | None) -> None:
     if run is not None and run.path.exists():
         shutil.rmtree(run.path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the stash area's "previous/" when it held only this run
+            run.path.parent.rmdir()
 
 
 def keeper_callback(stash: RunDir, run: RunDir, aside: RunDir | None):

@@ -224,12 +224,15 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def copy_resumable(source: RunDir, target: RunDir) -> bool:
-    """Copies what resuming needs (last checkpoint, config, CSV log, run record); False when there is no last."""
+    """Copies what resuming needs (last and best checkpoints, config, CSV log, run record); False when there is no
+    last checkpoint. The best one too: a resumed run whose epochs do not improve on it writes no new one."""
     if not source.last.is_file():
         return False
     for name in (CONFIG, METRICS_CSV, RECORD):
         if (source.path / name).is_file():
             _link_or_copy(source.path / name, target.path / name)
+    if source.best.is_file():
+        _link_or_copy(source.best, target.best)
     _link_or_copy(source.last, target.last)
     return True
 

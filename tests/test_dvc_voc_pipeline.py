@@ -162,4 +162,5 @@ def test_dvc_repro_fetches_voc_itself_and_a_team_remote_round_trip_downloads_not
     status = json.loads(sh(second, DVC, "status", "--json").stdout)
     assert "prepare" not in status, status  # no re-extraction
     changed = status["train"][0]["changed deps"]["params.yaml"]
-    assert {"data.datamodule"} == set(changed), status
+    # what trains differently re-runs train; the workers (how fast data loads) do not
+    assert {"data.datamodule.batch_size", "data.datamodule.train_transform"} == set(changed), status

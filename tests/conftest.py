@@ -82,3 +82,4 @@ def _restore_sys_path():
     saved = list(sys.path)
     yield
     sys.path[:] = saved
+

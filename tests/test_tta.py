@@ -88,6 +88,7 @@ def test_onnx_tta_agrees_with_pytorch_tta(tmp_path: Path) -> None:
 def test_served_pytorch_model_applies_fcnseg_tta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("tta")  # not the experiment id an earlier test in this process made active elsewhere
     with mlflow.start_run():
         uri = log_pyfunc_model(checkpoint, [noise_image(16, 16)])
     monkeypatch.setenv("FCNSEG_TTA", "0.75,1+flip")

@@ -125,7 +125,7 @@ def evaluate(cfg: DictConfig) -> None:
     run = RunDir(TRAIN_DIR)
     if not run.best.is_file():
         raise FcnsegError(f"{run.best} not found; run the train stage first (dvc repro train)")
-    tta = cfg.get("tta")  # opt-in test-time augmentation: -S +tta=mmseg (the conf/tta group)
+    tta = cfg.get("tta")  # test-time augmentation: none by default, -S tta=mmseg (conf/tta/)
     report = evaluate_checkpoint(run.best, cfg.data.root, cfg.data.datamodule.val_split,
                                  num_overlays=cfg.tracking.num_overlays, progress=True, tta=tta)
     write_reports(report, METRICS_FILE, PLOTS_DIR, history=epoch_history(run.metrics_csv))

@@ -1,6 +1,6 @@
 """Test-time augmentation settings, torch-free (served models read them too): which scales, whether to flip.
 
-A setting comes from the ``conf/tta/`` config group (``--tta mmseg``, DVC ``-S +tta=mmseg``) or, where there is no
+A setting comes from the ``conf/tta/`` config group (``--tta mmseg``, DVC ``-S tta=mmseg``) or, where there is no
 config tree (a served model), from ``$FCNSEG_TTA``: a preset name or ``"0.5,1,1.5+flip"``.
 """
 

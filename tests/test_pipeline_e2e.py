@@ -106,15 +106,17 @@ def test_quickstart_pipeline_runs_every_stage_and_registers_a_champion(fresh_pro
 
 @pytest.mark.slow
 def test_mlproject_entry_point_trains_into_the_run_mlflow_started(fresh_project, tmp_path):
-    """`mlflow run . -e quickstart --env-manager local`, as the README shows (one epoch): the training logs into the
-    run MLflow opened for the project, which ends FINISHED with the metrics and the model."""
+    """`mlflow run . -e quickstart --env-manager local`, as the docs show (one epoch, tiny sizes through
+    `-P overrides`): the training logs into the run MLflow opened for the project, which ends FINISHED with the
+    metrics and the model."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlproject.db'}"
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
     env_uri = {"MLFLOW_TRACKING_URI": uri}
     result = run(fresh_project, "env", *(f"{k}={v}" for k, v in env_uri.items()), mlflow_cli, "run", ".", "-e",
-                 "quickstart", "-P", "max_epochs=1", "--env-manager", "local", "--experiment-name", "mlproject")
+                 "quickstart", "-P", "max_epochs=1", "-P", f"overrides={' '.join(TINY_SIZES)}",
+                 "--env-manager", "local", "--experiment-name", "mlproject")
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("mlproject")
     runs = client.search_runs([experiment.experiment_id])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -108,12 +107,9 @@ def export_onnx(segmenter: Segmenter, out_path: str | Path, sizes=PARITY_SIZES) 
 
 
 def bundle_onnx_code(destination: Path) -> Path:
-    package = Path(__file__).resolve().parent
-    target = destination / "fcnseg"
-    for relative in ONNX_BUNDLED_MODULES:
-        (target / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(package / relative, target / relative)
-    return target
+    from fcnseg.serving import bundle_code
+
+    return bundle_code(destination, ONNX_BUNDLED_MODULES)
 
 
 def log_onnx_model(onnx_path: str | Path, metadata: dict, example_images: list[np.ndarray],

@@ -70,11 +70,12 @@ def pinned_requirements() -> list[str]:
     return [f"{name}=={installed_version(name).split('+')[0]}" for name in names]
 
 
-def bundle_code(destination: Path) -> Path:
-    """Copies the modules inference needs into ``destination/fcnseg`` (a package MLflow puts on sys.path)."""
+def bundle_code(destination: Path, modules=None) -> Path:
+    """Copies ``modules`` (default: those PyTorch inference needs) into ``destination/fcnseg``, a package MLflow
+    puts on sys.path."""
     package = Path(__file__).resolve().parent
     target = destination / "fcnseg"
-    for relative in BUNDLED_MODULES:
+    for relative in BUNDLED_MODULES if modules is None else modules:
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(package / relative, target / relative)
     return target

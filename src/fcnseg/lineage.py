@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from fcnseg.data.voc import COMPLETE_MARKER, VOCSegmentation
 
 GIT_COMMIT, GIT_DIRTY = "git_commit", "git_dirty"
 # A DVC experiment (`dvc exp run`, --temp, --queue): DVC passes its name and baseline to every stage it runs
@@ -128,6 +127,8 @@ def data_version(data_root: str | Path) -> str:
             out_path = (root / out["path"]).resolve()
             if out_path == data_root.resolve() or out_path in data_root.resolve().parents:
                 return str(out.get("md5", "unknown"))
+    from fcnseg.data.voc import COMPLETE_MARKER  # here, not at the top: the registry CLI must not import torch
+
     digest = hashlib.md5()
     marker = data_root / COMPLETE_MARKER
     if marker.is_file():
@@ -140,6 +141,8 @@ def data_version(data_root: str | Path) -> str:
 
 def split_ids(data_root: str | Path, split: str) -> list[str]:
     """The image ids of a split, as the evaluation reads them (VOC split files, packaged or SBD splits)."""
+    from fcnseg.data.voc import VOCSegmentation
+
     return list(VOCSegmentation(data_root, split).ids)
 
 

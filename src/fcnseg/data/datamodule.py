@@ -1,4 +1,7 @@
-"""LightningDataModule for VOC-layout data: random crops for training, whole unpadded images for validation.
+"""LightningDataModule for any dataset layout: random crops for training, whole unpadded images for validation.
+
+The dataset (``dataset``: the data config's description, see :mod:`fcnseg.data.dataset_spec`) decides the reader
+(``layout``), the label mapping applied before augmentation and the ignore index that pads masks.
 
 Seeding: a training sample's shuffle position and augmentation are functions of ``(seed, epoch, index)`` only
 (:class:`~fcnseg.data.samplers.EpochSeededSampler` + :class:`~fcnseg.data.samplers.EpochSeededDataset`), never of
@@ -15,6 +18,7 @@ twice. The training sampler is an ``EpochSeededSampler``, a ``DistributedSampler
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -25,17 +29,20 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
-from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
+from fcnseg.data.classes import IGNORE_INDEX
+from fcnseg.data.dataset_spec import DatasetSpec, dataset_spec
+from fcnseg.data.layouts import open_split
+from fcnseg.data.reader import LabeledImages
 from fcnseg.data.samplers import EpochSeededDataset, EpochSeededSampler, UnpaddedDistributedSampler
 from fcnseg.data.transforms import build_eval_transform, build_train_transform
-from fcnseg.data.voc import VOCSegmentation
 from fcnseg.errors import ConfigError, DataError
 
 
-def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]],
+                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
     """Stacks ``(image 3xHxW, mask HxW)`` pairs of different sizes, padding bottom/right to the batch's largest
-    height and width: images with 0 (the normalised input's zero, as the training crops pad), masks with 255 (void,
-    so loss and metrics ignore the padding). Masks keep their dtype (uint8 from the transforms): the loss and the
+    height and width: images with 0 (the normalised input's zero, as the training crops pad), masks with the
+    dataset's ``ignore_index`` (255 by default, so loss and metrics ignore the padding). Masks keep their dtype (uint8 from the transforms): the loss and the
     metrics widen them on the device."""
     height = max(image.shape[-2] for image, _ in batch)
     width = max(image.shape[-1] for image, _ in batch)
@@ -45,7 +52,7 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     for image, mask in batch:
         pad = (0, width - image.shape[-1], 0, height - image.shape[-2])  # (left, right, top, bottom)
         images.append(F.pad(image, pad, value=0.0))
-        masks.append(F.pad(torch.as_tensor(mask), pad, value=IGNORE_INDEX))
+        masks.append(F.pad(torch.as_tensor(mask), pad, value=ignore_index))
     return torch.stack(images), torch.stack(masks)
 
 
@@ -62,8 +69,12 @@ def _distributed_world() -> tuple[int, int]:
     return 1, 0
 
 
-class VOCDataModule(L.LightningDataModule):
-    """Train/val loaders over :class:`VOCSegmentation` splits of one VOC-layout ``root``.
+class SegmentationDataModule(L.LightningDataModule):
+    """Train/val loaders over two splits of one dataset ``root``, read by :func:`~fcnseg.data.layouts.open_split`.
+
+    ``dataset``: the dataset's description (``name``, ``class_names``, ``palette``, ``ignore_index``,
+    ``label_map``, ``reduce_zero_label``, ``layout``, ``source``, ``folder``: the data config's keys, which
+    conf/data/*.yaml pass in); None: PASCAL VOC in the VOC layout.
 
     ``train_transform`` holds :func:`build_train_transform`'s keyword arguments (``crop_size``, ``scale_min``,
     ``scale_max``, ``hflip``, ``color_jitter``); ``normalization`` must match the backbone (``imagenet`` or
@@ -83,6 +94,7 @@ class VOCDataModule(L.LightningDataModule):
         train_transform: dict[str, Any] | None = None,
         seed: int = 0,
         sbd_root: str | None = None,
+        dataset: Mapping[str, Any] | DatasetSpec | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or val_batch_size < 1:
@@ -100,10 +112,14 @@ class VOCDataModule(L.LightningDataModule):
         self.train_transform = dict(train_transform or {"crop_size": 320})
         self.seed = seed
         self.sbd_root = sbd_root
-        self.num_classes = NUM_CLASSES
-        self.class_names: list[str] = list(VOC_CLASSES)
-        self.train_dataset: VOCSegmentation | None = None
-        self.val_dataset: VOCSegmentation | None = None
+        if isinstance(dataset, DatasetSpec):
+            self.spec = dataset
+        else:
+            self.spec = dataset_spec(dataset) if dataset else DatasetSpec.from_metadata(None)
+        self.num_classes = self.spec.num_classes
+        self.class_names: list[str] = list(self.spec.class_names)
+        self.train_dataset: LabeledImages | None = None
+        self.val_dataset: LabeledImages | None = None
 
     def _rank(self) -> int:
         trainer = self.trainer
@@ -113,8 +129,8 @@ class VOCDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             # seed + rank: with num_workers=0 each DDP rank still draws its own augmentations
             transform = build_train_transform(**self.train_transform, normalization=self.normalization,
-                                              seed=self.seed + self._rank())
-            self.train_dataset = VOCSegmentation(self.root, self.train_split, transform, sbd_root=self.sbd_root)
+                                              seed=self.seed + self._rank(), ignore_index=self.spec.ignore_index)
+            self.train_dataset = open_split(self.spec, self.train_split, self.root, transform, sbd_root=self.sbd_root)
             # under DDP each process gets its share (the distributed sampler pads it to ceil(n / processes))
             processes = self.trainer.world_size if self.trainer is not None else _distributed_world()[0]
             per_process = -(-len(self.train_dataset) // processes)
@@ -127,15 +143,15 @@ class VOCDataModule(L.LightningDataModule):
                     "or add images"
                 )
         if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = VOCSegmentation(self.root, self.val_split, build_eval_transform(self.normalization),
-                                               sbd_root=self.sbd_root)
+            self.val_dataset = open_split(self.spec, self.val_split, self.root,
+                                          build_eval_transform(self.normalization), sbd_root=self.sbd_root)
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,
-            "collate_fn": pad_collate,
+            "collate_fn": partial(pad_collate, ignore_index=self.spec.ignore_index),
             "worker_init_fn": partial(pl_worker_init_function, rank=self._rank()),
             # Each new loader iterator (fresh workers after a resume, say) draws a base seed; from its own
             # generator, not the global one, so dropout after a resume draws what the uninterrupted run drew.
@@ -168,3 +184,6 @@ class VOCDataModule(L.LightningDataModule):
             sampler = UnpaddedDistributedSampler(self.val_dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
                           **{**self._loader_kwargs(), "collate_fn": unpadded_collate})
+
+
+VOCDataModule = SegmentationDataModule  # the name conf/data/voc.yaml and earlier configs instantiate

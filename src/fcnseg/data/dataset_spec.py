@@ -46,6 +46,8 @@ class DatasetSpec:
     reduce_zero_label: bool = False  # ADE20K: 0 ("other") becomes ignored, v becomes v-1
     layout: str = "voc"
     source: str = "voc"  # where the data came from (voc, synthetic, a DVC-tracked path): lineage and reproduce
+    # the layout reader's settings (``data.<layout>``: the folder layout's directories, split fraction and seed)
+    layout_options: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -112,7 +114,10 @@ class DatasetSpec:
     def to_metadata(self) -> dict[str, Any]:
         """What a checkpoint or a logged model keeps of the dataset: JSON-serialisable."""
         return {"name": self.name, "class_names": list(self.class_names), "palette": self.palette.tolist(),
-                "ignore_index": int(self.ignore_index), "source": self.source}
+                "ignore_index": int(self.ignore_index), "source": self.source, "layout": self.layout,
+                # JSON keys are strings: from_metadata turns them back into ints
+                "label_map": None if self.label_map is None else {str(k): int(v) for k, v in self.label_map.items()},
+                "reduce_zero_label": bool(self.reduce_zero_label), "layout_options": dict(self.layout_options)}
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any] | None, num_classes: int | None = None,
@@ -126,9 +131,14 @@ class DatasetSpec:
         palette = metadata.get("palette")
         palette = np.asarray(palette, dtype=np.uint8) if palette is not None else generated_palette(len(names))
         default_name = "voc2012" if names == VOC_CLASSES else "unnamed"
+        label_map = metadata.get("label_map")
         return cls(name=metadata.get("name", default_name), class_names=names, palette=palette,
                    ignore_index=int(metadata.get("ignore_index", IGNORE_INDEX)),
-                   source=metadata.get("source", "voc" if names == VOC_CLASSES else "unknown"))
+                   label_map=None if label_map is None else {int(k): int(v) for k, v in dict(label_map).items()},
+                   reduce_zero_label=bool(metadata.get("reduce_zero_label", False)),
+                   layout=str(metadata.get("layout") or "voc"),
+                   source=metadata.get("source", "voc" if names == VOC_CLASSES else "unknown"),
+                   layout_options=dict(metadata.get("layout_options") or {}))
 
 
 def _palette_from_config(value: Any, num_classes: int, name: str) -> np.ndarray:
@@ -175,7 +185,9 @@ def dataset_spec(data: Mapping[str, Any]) -> DatasetSpec:
     layout = str(get("layout") or "voc")
     if layout not in LAYOUTS:
         raise ConfigError(f"data.layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    options = get(layout)  # data.folder for the folder layout; VOC's settings are keys of their own
+    options = {str(k): v for k, v in dict(options).items()} if isinstance(options, Mapping) else {}
     return DatasetSpec(name=name, class_names=names, palette=_palette_from_config(get("palette"), len(names), name),
                        ignore_index=ignore_index, label_map=label_map,
                        reduce_zero_label=bool(get("reduce_zero_label") or False), layout=layout,
-                       source=str(get("source") or "unknown"))
+                       source=str(get("source") or "unknown"), layout_options=options)

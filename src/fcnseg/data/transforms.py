@@ -85,8 +85,10 @@ def build_train_transform(
     color_jitter: float = 0.0,
     normalization: str = "imagenet",
     seed: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> A.Compose:
-    """Random scale, flip, random crop, colour jitter, normalise, pad to ``crop_size`` (image 0, mask 255).
+    """Random scale, flip, random crop, colour jitter, normalise, pad to ``crop_size`` (image 0, mask
+    ``ignore_index``: the dataset's, 255 by default).
 
     Cropping comes first, on uint8 pixels, so the per-pixel work after it is bounded by the crop (a 2x faster
     pipeline). Padding comes after normalisation so padded pixels are 0 in the network's input space (like the
@@ -127,7 +129,7 @@ def build_train_transform(
                 min_width=crop_size,
                 border_mode=cv2.BORDER_CONSTANT,
                 fill=0,
-                fill_mask=IGNORE_INDEX,
+                fill_mask=ignore_index,
             )
         )
     steps.append(A.ToTensorV2())

@@ -5,7 +5,8 @@ Layout under ``root`` (a ``VOC2012`` directory)::
     JPEGImages/<id>.jpg  SegmentationClass/<id>.png  ImageSets/Segmentation/<split>.txt
 
 Labels are palette (mode ``P``) or grayscale (mode ``L``) PNGs whose pixel values *are* the class indices
-(0..20, 255 = void); the colours are never read. Two splits need no file under ``ImageSets/Segmentation``:
+(0..20, 255 = void; another class list and ignore index through ``spec``, see :mod:`fcnseg.data.reader`); the
+colours are never read. Two splits need no file under ``ImageSets/Segmentation``:
 
 - ``seg11valid``: the FCN paper's 736 validation images (VOC 2011 val minus SBD train), packaged with fcnseg;
   all of them are VOC 2012 images. A ``seg11valid.txt`` in the dataset itself takes precedence.
@@ -23,14 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
-from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES, voc_palette
+from fcnseg.data.classes import NUM_CLASSES, voc_palette
+from fcnseg.data.dataset_spec import DatasetSpec
+from fcnseg.data.reader import LabeledImages, Sample, read_dataset_image, read_label_png
 from fcnseg.errors import DataError, one_line
+
+__all__ = ["VOCSegmentation", "Sample", "read_dataset_image", "read_label", "save_label_png", "as_label_map"]
 
 PACKAGED_SPLITS: dict[str, Path] = {"seg11valid": Path(__file__).with_name("splits") / "seg11valid.txt"}
 TRAIN_AUG = "train_aug"
@@ -39,26 +43,9 @@ VOC_PALETTE = voc_palette(256)  # 255 (void) is (224, 224, 192), as in the VOC d
 FETCH_HINT = "prepare it with `fcnseg fetch` (or `dvc repro`), or point data.root at a VOC2012 directory"
 
 
-class Sample(NamedTuple):
-    id: str
-    image: Path
-    label: Path  # a VOC palette PNG, or an SBD .mat
-
-
 def default_sbd_root(root: str | Path) -> Path:
     """``<data_dir>/SBD/benchmark_RELEASE/dataset`` for ``root = <data_dir>/VOCdevkit/VOC2012``."""
     return Path(root).parent.parent / "SBD" / "benchmark_RELEASE" / "dataset"
-
-
-def read_dataset_image(path: Path) -> np.ndarray:
-    """A dataset's image as uint8 HxWx3 RGB, its pixels as stored: no EXIF orientation is applied, since the label
-    PNG is aligned with the stored pixels (``fcnseg.inference.read_image`` reads a user's photo as displayed)."""
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))  # a writable copy: torch warns on read-only arrays
-    except Exception as err:  # PIL's decoders raise many types on damaged bytes (found by fuzzing): all bad files
-        raise DataError(f"cannot read image {path} ({one_line(err)}); re-extract the dataset or remove the file "
-                        "and its id from the split") from err
 
 
 def as_label_map(label_map: np.ndarray) -> np.ndarray:
@@ -71,13 +58,19 @@ def as_label_map(label_map: np.ndarray) -> np.ndarray:
     return label_map.astype(np.uint8, copy=False)
 
 
-def save_label_png(label_map: np.ndarray, path_or_buffer: str | Path | BinaryIO) -> None:
-    """Writes a palette-mode PNG: pixel values are the class indices, the palette is VOC's (all 256 entries).
+def save_label_png(label_map: np.ndarray, path_or_buffer: str | Path | BinaryIO,
+                   palette: np.ndarray | None = None) -> None:
+    """Writes a palette-mode PNG: pixel values are the class indices, the palette is ``palette`` (``(N, 3)`` uint8,
+    e.g. :meth:`~fcnseg.data.dataset_spec.DatasetSpec.png_palette`; entries past N black) or VOC's (all 256 entries).
 
     This is the format of VOC's ``SegmentationClass`` files, so the devkit and :func:`read_label` get the indices back.
     """
+    table = VOC_PALETTE if palette is None else np.zeros((256, 3), dtype=np.uint8)
+    if palette is not None:
+        colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
+        table[: len(colours)] = colours
     image = Image.fromarray(as_label_map(label_map))  # mode "L"
-    image.putpalette(VOC_PALETTE.tobytes())  # turns it into mode "P" without touching the indices
+    image.putpalette(table.tobytes())  # turns it into mode "P" without touching the indices
     if isinstance(path_or_buffer, (str, Path)):
         Path(path_or_buffer).parent.mkdir(parents=True, exist_ok=True)
     image.save(path_or_buffer, format="PNG")
@@ -85,23 +78,7 @@ def save_label_png(label_map: np.ndarray, path_or_buffer: str | Path | BinaryIO)
 
 def read_label(path: Path) -> np.ndarray:
     """uint8 HxW class indices from a palette/grayscale PNG or an SBD ``.mat`` (``GTcls.Segmentation``)."""
-    if path.suffix == ".mat":
-        return _read_sbd_label(path)
-    try:
-        with Image.open(path) as label:
-            label.load()
-            if label.mode not in ("P", "L"):
-                raise DataError(
-                    f"label {path} is a mode-{label.mode} image; the label must be a palette (P) or grayscale (L) "
-                    "index PNG whose pixel values are class ids, not colours: save the class indices with the VOC "
-                    "palette"
-                )
-            return np.array(label, dtype=np.uint8)  # mode P: the palette indices, never the colours
-    except DataError:
-        raise
-    except Exception as err:  # as in read_dataset_image: any decoder failure is a bad file
-        raise DataError(f"cannot read label {path} ({one_line(err)}); re-extract the dataset or remove the file "
-                        "and its id from the split") from err
+    return _read_sbd_label(path) if path.suffix == ".mat" else read_label_png(path)
 
 
 def _read_sbd_label(path: Path) -> np.ndarray:
@@ -124,39 +101,30 @@ def _read_ids(path: Path) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
-class VOCSegmentation(Dataset):
+class VOCSegmentation(LabeledImages):
     """Items are ``(image uint8 HxWx3 RGB, mask uint8 HxW)``, or ``transform(image=, mask=)``'s ``(image, mask)``.
 
     ``transform`` is an albumentations ``Compose`` (see :mod:`fcnseg.data.transforms`). ``sbd_root`` is only read
-    for ``split="train_aug"``.
+    for ``split="train_aug"``. ``spec``: the dataset's classes, ignore index and label mapping (default: VOC's 21
+    classes, or ``num_classes`` of them); a VOC-layout folder of your own classes gives its own spec.
     """
 
     def __init__(self, root: str | Path, split: str, transform: Callable[..., dict[str, Any]] | None = None,
-                 sbd_root: str | Path | None = None, num_classes: int = NUM_CLASSES) -> None:
+                 sbd_root: str | Path | None = None, num_classes: int = NUM_CLASSES,
+                 spec: DatasetSpec | None = None) -> None:
         self.root = Path(root)
         self.split = split
         self.transform = transform
         self.sbd_root = Path(sbd_root) if sbd_root is not None else default_sbd_root(self.root)
-        self.num_classes = num_classes
+        self.spec = spec or DatasetSpec.from_metadata(None, num_classes=num_classes)
+        self.num_classes = self.spec.num_classes
         self._check_root()
-        self.samples: list[Sample] = self._train_aug_samples() if split == TRAIN_AUG else self._voc_samples()
-        if not self.samples:
-            raise DataError(f"split {split!r} of {self.root} lists no images; check {self._split_source()}")
-        self._check_files_exist()
-        self.ids: list[str] = [sample.id for sample in self.samples]
+        samples = self._train_aug_samples() if split == TRAIN_AUG else self._voc_samples()
+        self._use_samples(samples, f"{self._split_source()} of {self.root}",
+                          f"restore the files (`fcnseg fetch`) or remove the ids from {self._split_source()}")
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        sample = self.samples[index]
-        image = read_dataset_image(sample.image)
-        mask = read_label(sample.label)
-        self._check_label(sample, image, mask)
-        if self.transform is None:
-            return image, mask
-        out = self.transform(image=image, mask=mask)
-        return out["image"], out["mask"]
+    def read_label(self, path: Path) -> np.ndarray:
+        return read_label(path)
 
     # -- construction ------------------------------------------------------------------------------------------
 
@@ -212,34 +180,3 @@ class VOCSegmentation(Dataset):
             label = voc.label if voc.label.is_file() else self.sbd_root / "cls" / f"{image_id}.mat"
             samples.append(Sample(image_id, image, label))
         return samples
-
-    def _check_files_exist(self) -> None:
-        """Fail before training starts, not hours in, when the split names files that are not there."""
-        problems = []
-        for sample in self.samples:
-            if not sample.image.is_file():
-                problems.append(f"image {sample.image} listed in split {self.split!r} does not exist")
-            elif not sample.label.is_file():
-                problems.append(f"image {sample.image} has no label at {sample.label}")
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise DataError(f"{problems[0]}{more}; restore the files (`fcnseg fetch`) or remove the ids from "
-                            f"{self._split_source()}")
-
-    # -- per item ----------------------------------------------------------------------------------------------
-
-    def _check_label(self, sample: Sample, image: np.ndarray, mask: np.ndarray) -> None:
-        if mask.shape != image.shape[:2]:
-            raise DataError(
-                f"label {sample.label} is {mask.shape[1]}x{mask.shape[0]} (WxH) but image {sample.image} is "
-                f"{image.shape[1]}x{image.shape[0]}; a label must have its image's size: re-export the label"
-            )
-        counts = np.bincount(mask.ravel(), minlength=256)
-        counts[: self.num_classes] = 0
-        counts[IGNORE_INDEX] = 0
-        bad = np.flatnonzero(counts)
-        if bad.size:
-            raise DataError(
-                f"label {sample.label} has values {bad.tolist()[:10]} outside classes 0..{self.num_classes - 1} "
-                f"and void {IGNORE_INDEX}; labels must hold class indices (VOC palette PNG), fix or re-export it"
-            )

@@ -212,7 +212,7 @@ def test_prepare_synthetic_writes_a_complete_voc_layout(tmp_path):
 def test_prepare_unknown_source_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         prepare({"source": "coco"}, tmp_path)
-    assert str(info.value) == "data.source='coco' is not known; valid sources: voc, synthetic"
+    assert str(info.value) == "data.source='coco' is not known; valid sources: voc, synthetic, folder, ade20k, cityscapes"
 
 
 # ---------------------------------------------------------------- data.dvc, the pin: what the prepare stage fetches

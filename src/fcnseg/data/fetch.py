@@ -2,8 +2,9 @@
 
 A download goes to ``<dest>/<filename>.part`` and becomes ``<dest>/<filename>`` only once its size and MD5
 match, so a file under its final name is always the right one. An interrupted transfer keeps its ``.part`` and
-the next call resumes it with an HTTP Range request. Extraction happens in a temporary directory next to the
-target, which is renamed into place in one step: a half-extracted archive never sits under the target's name.
+the next call resumes it with an HTTP Range request. Extraction (tar archives and zips) happens in a temporary
+directory next to the target, which is renamed into place in one step: a half-extracted archive never sits under
+the target's name.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import http.client
 import os
 import shutil
 import socket
+import stat
 import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +64,20 @@ SBD = Resource(
     ),
 )
 
+# ADE20K (MIT SceneParsing): images/ + annotations/ {training,validation}, 150 classes; public, no login.
+ADE20K = Resource(
+    filename="ADEChallengeData2016.zip",
+    md5="7328b3957e407ddae1d3cbf487f149ef",
+    size=None,
+    urls=("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",),
+)
+# Cityscapes needs a login: only the user's own copies of these zips are used (their MD5 checked when configured).
+CITYSCAPES_ZIPS = {"leftImg8bit": "leftImg8bit_trainvaltest.zip", "gtFine": "gtFine_trainvaltest.zip"}
+
+ADE20K_WAYS_OUT = (
+    "pass a local copy (`data.archive=PATH`, verified by MD5), list other URLs in data.mirrors, "
+    "or run offline on synthetic data (`experiment=quickstart`)"
+)
 VOC_WAYS_OUT = (
     "pass a local copy (`fcnseg fetch --tarball PATH` or `data.tarball=PATH`), "
     "`dvc pull data.dvc` from a DVC remote, or run offline on synthetic data (`experiment=quickstart`)"
@@ -244,6 +261,24 @@ def _checked_members(tar: tarfile.TarFile, dest: Path) -> Iterator[tarfile.TarIn
         yield member
 
 
+def _extract_zip(archive: Path, staging: Path) -> None:
+    """Extracts a zip into ``staging``, refusing members that would land outside it (absolute names, ``..``,
+    drive letters) and symbolic links, before anything is written."""
+    with zipfile.ZipFile(archive) as zf:
+        members = zf.infolist()
+        for member in members:
+            name = member.filename
+            parts = name.replace("\\", "/").split("/")
+            if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in parts or ":" in parts[0]:
+                raise FetchError(f"{archive}: member {name!r} is unsafe (outside the extraction directory); refused, "
+                                 "nothing extracted")
+            if stat.S_ISLNK(member.external_attr >> 16):
+                raise FetchError(f"{archive}: member {name!r} is unsafe (a symbolic link); refused, nothing "
+                                 "extracted")
+        for member in members:
+            zf.extract(member, staging)
+
+
 def _with_progress(members: Iterator[tarfile.TarInfo], label: str, progress: bool) -> Iterator[tarfile.TarInfo]:
     with tqdm(desc=f"extracting {label}", unit=" files", disable=not progress, leave=False) as bar:
         for member in members:
@@ -251,9 +286,21 @@ def _with_progress(members: Iterator[tarfile.TarInfo], label: str, progress: boo
             bar.update()
 
 
+def _extract_tar(archive: Path, staging: Path, progress: bool) -> None:
+    with tarfile.open(archive) as tar:
+        tar.errorlevel = 2  # every extraction problem raises instead of being skipped
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(staging, members=_with_progress(iter(tar), archive.name, progress),
+                           filter=_strict_data_filter)
+        else:
+            members = _with_progress(_checked_members(tar, staging), archive.name, progress)
+            tar.extractall(staging, members=members)
+
+
 def safe_extract(archive: str | Path, target_dir: str | Path, *, subdir: str | None = None,
                  progress: bool = False) -> Path:
-    """Extracts ``archive`` (its ``subdir`` only, if given) so that it appears at ``target_dir`` in one rename.
+    """Extracts ``archive`` (a tar archive, compressed or not, or a zip; its ``subdir`` only, if given) so that it
+    appears at ``target_dir`` in one rename.
 
     Members that would land outside the extraction directory (``../x``, absolute names, links pointing out),
     device files and pipes are refused with FetchError, and nothing is left behind: neither the temporary
@@ -265,14 +312,10 @@ def safe_extract(archive: str | Path, target_dir: str | Path, *, subdir: str | N
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
-        with tarfile.open(archive) as tar:
-            tar.errorlevel = 2  # every extraction problem raises instead of being skipped
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(staging, members=_with_progress(iter(tar), archive.name, progress),
-                               filter=_strict_data_filter)
-            else:
-                members = _with_progress(_checked_members(tar, staging), archive.name, progress)
-                tar.extractall(staging, members=members)
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, staging)
+        else:
+            _extract_tar(archive, staging, progress)
         extracted = staging / subdir if subdir else staging
         if not extracted.is_dir():
             raise FetchError(f"{archive} has no {subdir}/ directory; is it the right archive?")
@@ -280,7 +323,7 @@ def safe_extract(archive: str | Path, target_dir: str | Path, *, subdir: str | N
     except tarfile.FilterError as exc:
         raise FetchError(f"{archive}: member {exc.tarinfo.name!r} is unsafe ({exc}); refused, nothing extracted") \
             from exc
-    except (tarfile.TarError, EOFError) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise FetchError(f"{archive} is not a readable archive ({exc}); delete it and fetch it again") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)

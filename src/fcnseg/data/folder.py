@@ -6,8 +6,8 @@ Layout under ``root`` (directory names are ``data.folder.images`` / ``masks`` / 
 
 Split lists are optional. Without any, the split is deterministic: each stem's place is the SHA-256 of
 ``"<split_seed>:<stem>"``, the first ``val_fraction`` of the stems (at least one) are ``val``, the rest ``train``
-(``all`` is every stem). It depends on the stems only, not on the file system's order or the machine, and adding
-images keeps the others where they were. The prepare stage records it: it writes the lists into the prepared
+(``all`` is every stem). It depends on the stems, the fraction and the seed only, not on the file system's order or
+the machine. The prepare stage records it: it writes the lists into the prepared
 dataset (``splits/train.txt``, ``splits/val.txt``), so the DVC hash of the data covers the split.
 """
 

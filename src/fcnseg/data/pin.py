@@ -1,5 +1,7 @@
 """``data.dvc``, the pin of the PASCAL VOC tarball: read as a :class:`Resource` (URL, MD5, size) with the mirror
 list to fetch it from, and a fetched tarball stored in DVC's cache so that ``dvc push`` sends it to the remote.
+Own data's pins are read here too: the ``.dvc`` file ``dvc add`` writes next to a folder or archive
+(:func:`dvc_tracked`).
 
 The pin is a frozen ``dvc import-url``: DVC never downloads it by itself (``dvc repro`` does not visit it, since no
 stage depends on its output), ``dvc pull``/``dvc push`` move it. The ``prepare`` stage fetches it through
@@ -103,3 +105,17 @@ def add_to_dvc_cache(path: str | Path, resource: Resource, repo_root: str | Path
         return True
     finally:
         repo.close()
+
+
+def dvc_tracked(path: str | Path) -> tuple[Path, str] | None:
+    """The ``.dvc`` file that tracks ``path`` (``dvc add PATH`` writes ``PATH.dvc``) and the hash DVC records in it
+    (a directory's ends in ``.dir``); None when ``path`` is not tracked that way."""
+    dvc_file = Path(f"{Path(path)}.dvc")
+    if not dvc_file.is_file():
+        return None
+    try:
+        out = (yaml.safe_load(dvc_file.read_text()) or {})["outs"][0]
+        digest = out.get("md5") or out.get("etag") or out.get("checksum")
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return (dvc_file, str(digest)) if digest else None

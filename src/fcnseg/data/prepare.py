@@ -1,4 +1,4 @@
-"""The ``prepare`` stage: put a dataset in the VOC layout under ``data_dir``, ready for the reader.
+"""The ``prepare`` stage: put a dataset in its layout (VOC, folder, Cityscapes, ADE20K), ready for its reader.
 
 A dataset directory counts as ready only when its ``.complete`` marker exists. The marker is written last, after
 the archive was extracted elsewhere and renamed into place, so a prepare killed at any moment (even SIGKILL)
@@ -10,6 +10,13 @@ Layout under ``data_dir``::
     downloads/VOCtrainval_11-May-2012.tar     (where data.dvc puts it)    downloads/benchmark.tgz
     VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets,...,.complete}
     SBD/benchmark_RELEASE/dataset/{cls,img,inst,train.txt,val.txt,.complete}
+    ADEChallengeData2016/{images,annotations,.complete}          (data=ade20k: downloaded or data.archive)
+    cityscapes/{leftImg8bit,gtFine,.complete}                     (data=cityscapes: the user's zips, data.zips)
+
+Own data (data=folder) is built at ``data.root`` from ``data.input``, the folder or archive the user tracks with
+``dvc add``: a folder as hard links to its files, an archive extracted safely; the split lists are written into it
+when the data has none (the deterministic split by ``data.folder.val_fraction`` and ``split_seed``, recorded), and
+its marker records the input's DVC hash. ``data.input=null`` uses ``data.root`` as it is.
 """
 
 from __future__ import annotations
@@ -23,12 +30,18 @@ from pathlib import Path
 from filelock import FileLock
 
 from fcnseg.data import pin
-from fcnseg.data.fetch import SBD, SBD_WAYS_OUT, VOC_WAYS_OUT, Resource, download, safe_extract, use_local_tarball
+from fcnseg.data.fetch import (ADE20K, ADE20K_WAYS_OUT, CITYSCAPES_ZIPS, SBD, SBD_WAYS_OUT, VOC_WAYS_OUT, Resource,
+                               download, md5sum, safe_extract, use_local_tarball, verify)
+from fcnseg.data.folder import find_pairs, folder_options, write_split_lists
 from fcnseg.data.synthetic import write_synthetic_voc
 from fcnseg.data.voc import COMPLETE_MARKER
-from fcnseg.errors import ConfigError
+from fcnseg.errors import ConfigError, FetchError
 
-SOURCES = ("voc", "synthetic")
+SOURCES = ("voc", "synthetic", "folder", "ade20k", "cityscapes")
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+CITYSCAPES_HINT = ("Cityscapes needs a login, so fcnseg cannot download it: log in at "
+                   "https://www.cityscapes-dataset.com/downloads/, download leftImg8bit_trainvaltest.zip and "
+                   "gtFine_trainvaltest.zip and set data.zips.leftImg8bit / data.zips.gtFine to them")
 CACHE_ENV = "FCNSEG_EXTRACTED_CACHE"
 VOC_DIRS = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
 
@@ -176,12 +189,131 @@ def _looks_like_voc(root: Path) -> bool:
     return all((root / name).is_dir() for name in VOC_DIRS)
 
 
+def _dvc_hash(path: Path) -> str | None:
+    """The hash ``dvc add`` recorded for ``path`` in ``<path>.dvc``, or None."""
+    tracked = pin.dvc_tracked(path)
+    return tracked[1] if tracked else None
+
+
+def _folder_root_of(extracted: Path, options: dict) -> Path:
+    """The directory holding ``images/`` + ``masks/`` in an extracted archive: its top, or its one top folder."""
+    if (extracted / options["images"]).is_dir():
+        return extracted
+    children = [child for child in extracted.iterdir() if child.is_dir() and not child.name.startswith((".", "__"))]
+    if len(children) == 1 and (children[0] / options["images"]).is_dir():
+        return children[0]
+    raise ConfigError(f"the archive holds no {options['images']}/ and {options['masks']}/ (at its top or in one top "
+                      "folder); pack the folder layout's directory")
+
+
+def prepare_folder(data_cfg: dict, *, progress: bool = True) -> Path:
+    """Own data at ``data.root``: built from ``data.input`` (a folder: hard links; an archive: extracted safely),
+    or ``data.root`` as it is without ``data.input``. Split lists are written when the data has none."""
+    root, options = Path(data_cfg["root"]), folder_options(data_cfg.get("folder"))
+    source = data_cfg.get("input")
+    if not source or Path(source).resolve() == root.resolve():
+        find_pairs(root, options)  # one line now if the folder is not the layout, not at training time
+        return root
+    source = Path(source)
+    is_archive = source.is_file() and source.name.lower().endswith(ARCHIVE_SUFFIXES)
+    if not (source.is_dir() or is_archive):
+        raise ConfigError(f"data.input={source} is neither a folder nor an archive ({', '.join(ARCHIVE_SUFFIXES)}); "
+                          "point it at the folder of images/ + masks/ you track with `dvc add`, or set data.input=null "
+                          "and data.root to the folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / f".{root.name}.prepare.lock"):
+        for leftover in root.parent.glob(f"{root.name}.tmp-*"):
+            _remove(leftover)
+        staging = root.with_name(f"{root.name}.tmp-build-{os.getpid()}")
+        if is_archive:
+            extracted = safe_extract(source, root.with_name(f"{root.name}.tmp-extract-{os.getpid()}"),
+                                     progress=progress)
+            os.replace(_folder_root_of(extracted, options), staging)
+            if extracted.exists():
+                _remove(extracted)
+        else:
+            _link_tree(source, staging)
+        find_pairs(staging, options)
+        write_split_lists(staging, options)  # the ratio split, recorded in the data (and so in its DVC hash)
+        temp = staging / f"{COMPLETE_MARKER}.tmp-{os.getpid()}"
+        temp.write_text(json.dumps({"input": str(source), "dvc_md5": _dvc_hash(source)}) + "\n")
+        os.replace(temp, staging / COMPLETE_MARKER)
+        if root.exists() or root.is_symlink():
+            _remove(root)
+        os.replace(staging, root)
+    if progress:
+        print(f"prepared {root} from {source}", file=sys.stderr, flush=True)
+    return root
+
+
+def prepare_ade20k(data_cfg: dict, data_dir: str | Path, *, progress: bool = True) -> Path:
+    """``data.root`` (``ADEChallengeData2016``) from the public zip (``data.mirrors`` or its URL; resumed, MD5
+    ``data.md5`` checked) or a local copy (``data.archive``, verified)."""
+    mirrors = data_cfg.get("mirrors")
+    urls = tuple(mirrors.split() if isinstance(mirrors, str) else mirrors or ADE20K.urls)
+    resource = Resource(ADE20K.filename, str(data_cfg.get("md5") or ADE20K.md5), None, urls)
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(data_dir / ".prepare.lock"):
+        return _extract_once(Path(data_cfg["root"]), resource, "ADEChallengeData2016", data_dir,
+                             data_cfg.get("archive"), ADE20K_WAYS_OUT, progress)
+
+
+def prepare_cityscapes(data_cfg: dict, data_dir: str | Path, *, progress: bool = True) -> Path:
+    """``data.root`` from the user's Cityscapes zips (``data.zips``), each checked against ``data.md5`` when set
+    (else its MD5 is printed, to pin it); both extracted safely, their MD5s recorded in the marker."""
+    root = Path(data_cfg["root"])
+    zips, md5s = dict(data_cfg.get("zips") or {}), dict(data_cfg.get("md5") or {})
+    archives = {}
+    for key, filename in CITYSCAPES_ZIPS.items():
+        path = Path(str(zips.get(key) or ""))
+        if not zips.get(key) or not path.is_file():
+            raise FetchError(f"Cityscapes zip {filename} not found at data.zips.{key}={zips.get(key)}; "
+                             f"{CITYSCAPES_HINT}")
+        if md5s.get(key):
+            verify(path, Resource(filename, str(md5s[key]), None, ()))
+            digest = str(md5s[key])
+        else:
+            digest = md5sum(path)
+            print(f"{path}: MD5 {digest} (set data.md5.{key}={digest} to check it on every prepare)",
+                  file=sys.stderr, flush=True)
+        archives[key] = (path, digest)
+    record = {key: digest for key, (_, digest) in archives.items()}
+    try:
+        if json.loads((root / COMPLETE_MARKER).read_text()).get("md5") == record:
+            return root  # extracted from these zips already
+    except (OSError, ValueError, AttributeError):
+        pass
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / f".{root.name}.prepare.lock"):
+        for leftover in root.parent.glob(f"{root.name}.tmp-*"):
+            _remove(leftover)
+        staging = root.with_name(f"{root.name}.tmp-build-{os.getpid()}")
+        staging.mkdir()
+        for key, (path, _) in archives.items():
+            if progress:
+                print(f"extracting {path} into {root}", file=sys.stderr, flush=True)
+            safe_extract(path, staging / key, subdir=key, progress=progress)
+        (staging / COMPLETE_MARKER).write_text(json.dumps({"archive": list(CITYSCAPES_ZIPS.values()),
+                                                           "md5": record}) + "\n")
+        if root.exists() or root.is_symlink():
+            _remove(root)
+        os.replace(staging, root)
+    return root
+
+
 def prepare(data_cfg: dict, data_dir: str | Path, *, voc_resource: Resource | None = None) -> Path:
     """The pipeline's prepare stage for the ``data`` config group; returns the dataset root (``data.root``).
     ``voc_resource``: the VOC tarball and its URLs (default: the package's pin and mirrors)."""
     source = data_cfg.get("source")
     if source == "synthetic":
         return write_synthetic_voc(data_cfg["root"], **(data_cfg.get("synthetic") or {}))
+    if source == "folder":
+        return prepare_folder(data_cfg)
+    if source == "ade20k":
+        return prepare_ade20k(data_cfg, data_dir)
+    if source == "cityscapes":
+        return prepare_cityscapes(data_cfg, data_dir)
     if source == "voc":
         resource = voc_resource or pin.voc_resource(mirrors=data_cfg.get("mirrors"))
         expected, pinned_md5 = data_cfg.get("pinned_md5"), pin.pinned()[0].md5

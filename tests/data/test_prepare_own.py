@@ -189,3 +189,19 @@ def test_own_input_that_is_no_layout_is_refused(tmp_path):
                        f"data.root={tmp_path / 'own'}"])
     with pytest.raises(ConfigError, match="neither a folder nor an archive"):
         prepare(cfg, tmp_path)
+
+
+def test_pipeline_prepare_with_overrides_prepares_outside_dvc(tmp_path, capsys):
+    """`python -m fcnseg.pipeline prepare data=folder data.input=… 'data.class_names=[…]'`: the config composed from
+    conf/ with the overrides (no params.yaml needed); a bad input ends in one `error:` line."""
+    from fcnseg.pipeline import main
+
+    data = write_folder_dataset(tmp_path / "own_data", split_files=False)
+    main(["prepare", "data=folder", f"data.input={data.root}", "data.class_names=[background,road,car]",
+          f"paths.data_dir={tmp_path / 'data'}"])
+    assert (tmp_path / "data" / "own" / "splits" / "val.txt").is_file()
+    with pytest.raises(SystemExit):
+        main(["prepare", "data=folder", f"data.input={tmp_path / 'missing'}", "data.class_names=[a,b]",
+              f"paths.data_dir={tmp_path / 'data'}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "data.input=" in errors[0] and "neither a folder nor an archive" in errors[0]

@@ -94,7 +94,9 @@ def test_model_carries_its_code_weights_only_and_index_requirements(portable_mod
     assert [p.name for p in weights_files] == ["weights.pt"]  # one weights file, not the training checkpoint
     weights = torch.load(weights_files[0], weights_only=True)
     assert set(weights) == {"state_dict", "hyper_parameters"}
-    assert set(weights["hyper_parameters"]) == {"net", "num_classes", "normalization", "class_names"}
+    assert set(weights["hyper_parameters"]) == {"net", "num_classes", "normalization", "class_names", "dataset"}
+    assert weights["hyper_parameters"]["dataset"]["class_names"] == weights["hyper_parameters"]["class_names"]
+    assert mlmodel["metadata"]["dataset"]["class_names"] == weights["hyper_parameters"]["class_names"]
     full = torch.load(portable_model["checkpoint"], weights_only=True)
     assert weights["state_dict"].keys() == full["state_dict"].keys()
     assert all(torch.equal(weights["state_dict"][k], full["state_dict"][k]) for k in full["state_dict"])

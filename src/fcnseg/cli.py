@@ -63,8 +63,10 @@ def fetch(args: argparse.Namespace) -> None:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, a .ckpt, or a pytorch-fcn .pth")
     p.add_argument("--variant", default="fcn8s", help="net of a pytorch-fcn .pth: fcn32s, fcn16s, fcn8s, fcn8s_atonce")
-    p.add_argument("--data", required=True, help="a VOC-layout directory (the VOC2012 folder)")
-    p.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt (default: val)")
+    p.add_argument("--data", required=True, help="the dataset's directory (VOC: the VOC2012 folder), read in the "
+                   "layout and with the label mapping of the model's dataset (VOC, folder, Cityscapes, ADE20K)")
+    p.add_argument("--split", default="val", help="the split to score, e.g. val (VOC: ImageSets/Segmentation/"
+                   "<split>.txt; ADE20K: validation) (default: val)")
     p.add_argument("--out", default="evaluation", help="where metrics.json and plots go (default: evaluation)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--num-overlays", type=int, default=8)
@@ -75,7 +77,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _tracking_uri_option(p)
 
 
-@command("evaluate", "the paper's four metrics and per-class IoU of a model on a VOC-layout split")
+@command("evaluate", "the paper's four metrics and per-class IoU of a model on a split of its dataset")
 @_configure(_evaluate_args)
 def evaluate(args: argparse.Namespace) -> None:
     from fcnseg.evaluate import evaluate_segmenter, print_report, write_reports
@@ -107,7 +109,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     _tracking_uri_option(p)
 
 
-@command("predict", "segment images: a VOC palette-PNG label map and an overlay PNG per image")
+@command("predict", "segment images: a palette-PNG label map and an overlay PNG per image (the model's classes)")
 @_configure(_predict_args)
 def predict(args: argparse.Namespace) -> None:
     from fcnseg.predict import check_writable, predict_files
@@ -236,6 +238,8 @@ def models(args: argparse.Namespace) -> None:
         print(f"{row['version']:>7}  {','.join(row.get('aliases', [])):<20}  "
               f"{'' if iou is None else f'{float(iou):.4f}':>8}  {(row.get('data_version') or '')[:12]:<12}  "
               f"{evaluated:<22}  {commit}")
+        if row.get("dataset"):  # the model's classes, from its metadata
+            print(f"{'':>9}classes of {row['dataset']}: {row.get('num_classes') or '?'}")
         for dataset in row.get("datasets", []):
             print(f"{'':>9}dataset {dataset}")
         for stage, hashes in sorted((row.get("dvc_lock") or {}).items()):

@@ -45,12 +45,15 @@ class Parity:
 
 
 def metadata_for(segmenter: Segmenter) -> dict:
-    """What the ONNX model needs besides the net: class names, palette, normalisation, first conv width."""
+    """What the ONNX model needs besides the net: class names, palette (the dataset's label PNG colours),
+    normalisation, first conv width, and the dataset's metadata."""
     norm = get_normalization(segmenter.normalization)
     palette = getattr(segmenter, "palette", None)
+    dataset = getattr(segmenter, "dataset", None)
     return {
         "class_names": list(segmenter.class_names),
         "palette": (voc_palette(256) if palette is None else np.asarray(palette, np.uint8)).tolist(),
+        "dataset": dataset.to_metadata() if dataset is not None else None,
         "normalization": {"name": segmenter.normalization, "mean": list(norm.mean), "std": list(norm.std),
                           "max_pixel_value": norm.max_pixel_value, "bgr": norm.bgr},
         "first_channels": int(segmenter.net.conv1_1.out_channels),
@@ -131,6 +134,7 @@ def log_onnx_model(onnx_path: str | Path, metadata: dict, example_images: list[n
             artifacts={"onnx": str(onnx_path), "metadata": str(meta)}, code_paths=[str(code)],
             signature=SIGNATURE, input_example=pd.DataFrame({"image": [encode_image(i) for i in example_images]}),
             pip_requirements=[f"{name}=={installed_version(name)}" for name in ONNX_REQUIREMENTS],
+            metadata={"dataset": metadata.get("dataset"), "num_classes": len(metadata["class_names"])},
         )
     return info.model_uri
 
@@ -169,7 +173,7 @@ class OnnxRuntimeSegmenter(Segmenter):
         from fcnseg.onnx_model import OnnxSegmenter
 
         super().__init__(segmenter.net, segmenter.normalization, segmenter.class_names, device="cpu",
-                         precision="fp32", channels_last=False)
+                         precision="fp32", channels_last=False, dataset=getattr(segmenter, "dataset", None))
         with tempfile.TemporaryDirectory(prefix="fcnseg-onnx-") as tmp:
             self.parity = export_onnx(self, Path(tmp) / "model.onnx", sizes=((33, 47), (64, 64)))
             self.onnx = OnnxSegmenter(Path(tmp) / "model.onnx", metadata_for(self), threads)  # loaded: file may go

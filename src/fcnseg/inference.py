@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from fcnseg.data.classes import VOC_CLASSES
+from fcnseg.data.dataset_spec import DatasetSpec
 from fcnseg.data.transforms import normalize_image
 from fcnseg.errors import CheckpointError, ConfigError, one_line
 from fcnseg.image_io import MAX_IMAGE_PIXELS, read_image, read_image_bytes  # noqa: F401 (re-exported)
@@ -53,11 +54,14 @@ class Segmenter:
     memory layout cuDNN's fastest convolutions use. Defaults: bf16 + channels_last on CUDA and on CPUs with AMX /
     AVX512-BF16, fp32 + contiguous on other CPUs (see :func:`default_precision`; ``$FCNSEG_INFERENCE_PRECISION``
     sets the precision everywhere).
+
+    ``dataset``: the classes the net predicts (names, palette, ignore index), from its checkpoint or model; without
+    it, ``class_names`` (default: VOC's for a 21-class net, ``class_<i>`` otherwise) with a generated palette.
     """
 
     def __init__(self, net: torch.nn.Module, normalization: str, class_names: list[str] | None = None,
                  device: str | torch.device | None = None, precision: str | None = None,
-                 channels_last: bool | None = None) -> None:
+                 channels_last: bool | None = None, dataset: DatasetSpec | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = precision or default_precision(self.device)
         if self.precision not in PRECISIONS:
@@ -70,7 +74,9 @@ class Segmenter:
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.normalization = normalization
-        self.class_names = list(class_names or VOC_CLASSES)
+        self.dataset = dataset or DatasetSpec.from_metadata(None, getattr(net, "num_classes", None), class_names)
+        self.class_names = list(self.dataset.class_names)
+        self.palette = self.dataset.png_palette()  # label PNGs (predict, serving) in the dataset's colours
         self.tta = None  # a fcnseg.tta_spec.TTASpec: test-time augmentation of whole-image predictions
 
     def _autocast(self):
@@ -85,8 +91,8 @@ class Segmenter:
 
         Reads the checkpoint without Lightning (which takes seconds to import and is not needed to predict).
         """
-        net, normalization, class_names = build_net(path)
-        return cls(net, normalization, class_names, device, precision, channels_last)
+        net, normalization, dataset = build_net(path)
+        return cls(net, normalization, list(dataset.class_names), device, precision, channels_last, dataset)
 
     def scores(self, images: list[np.ndarray]) -> torch.Tensor:
         """Class scores (N, C, H, W) for RGB uint8 images of one size."""
@@ -155,6 +161,18 @@ class Segmenter:
         return (total / count).argmax(0).to(torch.uint8).numpy()
 
 
+def segmenter_dataset(segmenter) -> DatasetSpec:
+    """The classes a segmenter predicts: its dataset, or (an ONNX model's segmenter, which carries only its
+    metadata) its class names and palette."""
+    dataset = getattr(segmenter, "dataset", None)
+    if dataset is not None:
+        return dataset
+    names = list(segmenter.class_names)
+    palette = getattr(segmenter, "palette", None)
+    return DatasetSpec.from_metadata({"class_names": names,
+                                      **({} if palette is None else {"palette": np.asarray(palette)[: len(names)]})})
+
+
 def load_segmenter(model: str, device: str | None = None, variant: str | None = None,
                    precision: str | None = None, channels_last: bool | None = None,
                    tracking_uri: str | None = None) -> Segmenter:
@@ -174,7 +192,8 @@ def load_segmenter(model: str, device: str | None = None, variant: str | None = 
         segmenter = loaded.unwrap_python_model().segmenter
         if device is not None or precision is not None or channels_last is not None:
             segmenter = Segmenter(segmenter.net.to(memory_format=torch.contiguous_format), segmenter.normalization,
-                                  segmenter.class_names, device or segmenter.device, precision, channels_last)
+                                  segmenter.class_names, device or segmenter.device, precision, channels_last,
+                                  getattr(segmenter, "dataset", None))  # None: a model logged by older code
         return segmenter
     path = Path(model)
     if not path.is_file():

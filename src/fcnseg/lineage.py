@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -122,15 +123,25 @@ def data_version(data_root: str | Path) -> str:
     # The lock of the workspace this runs in: a `--temp`/`--queue` experiment's own copy, whose lock holds its own
     # prepare stage's hash (the main project's lock names paths in another directory, and would never match).
     root = workspace_root()
-    for stage_outs in dvc_lock_outs(root).values():
+    for stage, stage_outs in dvc_lock_outs(root).items():
         for out in stage_outs:
             out_path = (root / out["path"]).resolve()
             if out_path == data_root.resolve() or out_path in data_root.resolve().parents:
-                return str(out.get("md5", "unknown"))
+                # own data prepared from a folder or archive the user tracks with `dvc add`: that data's DVC hash
+                tracked = _tracked_dep(root, stage)
+                return tracked or str(out.get("md5", "unknown"))
+    from fcnseg.data.pin import dvc_tracked
+
+    in_place = dvc_tracked(data_root)  # data.root itself tracked with `dvc add`, used as it is
+    if in_place is not None:
+        return in_place[1]
     from fcnseg.data.voc import COMPLETE_MARKER  # here, not at the top: the registry CLI must not import torch
 
     digest = hashlib.md5()
     marker = data_root / COMPLETE_MARKER
+    recorded = _marker_field(marker, "dvc_md5")  # prepared outside DVC from a `dvc add`-tracked input
+    if recorded:
+        return recorded
     if marker.is_file():
         digest.update(marker.read_bytes())
     else:  # no marker: the split lists still pin which images are used
@@ -139,11 +150,63 @@ def data_version(data_root: str | Path) -> str:
     return digest.hexdigest()
 
 
-def split_ids(data_root: str | Path, split: str) -> list[str]:
-    """The image ids of a split, as the evaluation reads them (VOC split files, packaged or SBD splits)."""
+def _marker_field(marker: Path, key: str) -> str | None:
+    import json
+
+    try:
+        value = json.loads(marker.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def _tracked_dep(root: Path, stage: str) -> str | None:
+    """The DVC hash ``dvc.lock`` records for a dependency of ``stage`` that ``dvc add`` tracks (own data)."""
+    import yaml
+
+    from fcnseg.data.pin import dvc_tracked
+
+    entry = ((yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}).get(stage) or {}
+    for dep in entry.get("deps") or []:
+        if dep.get("path") and dvc_tracked(root / dep["path"]) is not None:
+            return str(dep.get("md5") or dep.get("hash") or "") or None
+    return None
+
+
+def tracked_input(data_cfg: Any) -> dict[str, str] | None:
+    """Own data's origin: ``data.input`` (a folder or archive tracked with ``dvc add``) as ``path``, its
+    ``dvc_file`` and the ``md5`` DVC records (what ``dvc pull <dvc_file>`` brings back); None without
+    ``data.input`` or when no ``.dvc`` file tracks it (then ``dvc_file`` and ``md5`` would be unknown)."""
+    value = data_cfg.get("input") if data_cfg is not None else None
+    if not value:
+        return None
+    from fcnseg.data.pin import dvc_tracked
+
+    path = Path(str(value))
+    located = path if path.is_absolute() else workspace_root() / path
+    tracked = dvc_tracked(located)
+    if tracked is None:
+        return None
+    return {"path": str(value), "dvc_file": f"{value}.dvc", "md5": tracked[1]}
+
+
+def split_ids(data_root: str | Path, split: str, data: Any = None) -> list[str]:
+    """The image ids of a split, as the evaluation reads them: VOC split files (packaged or SBD splits), or, for
+    ``data`` (a data config) of another layout, its reader's (:func:`fcnseg.data.layouts.open_split`)."""
+    if data is not None and (data.get("layout") or "voc") != "voc":
+        from fcnseg.data.layouts import open_split
+
+        return list(open_split(_plain(data), split, root=str(data_root)).ids)
     from fcnseg.data.voc import VOCSegmentation
 
     return list(VOCSegmentation(data_root, split).ids)
+
+
+def _plain(data: Any) -> Any:
+    """A data config as plain containers (an OmegaConf node resolved), as the dataset spec reads it."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else data
 
 
 def ids_digest(ids: list[str]) -> str:
@@ -151,18 +214,41 @@ def ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
-def evaluation_set(data_root: str | Path, split: str, data_version: str) -> dict[str, str]:
-    """What a model was scored on, as version tags: data version, split name, hash and count of its image ids."""
-    ids = split_ids(data_root, split)
+def evaluation_set(data_root: str | Path, split: str, data_version: str, data: Any = None) -> dict[str, str]:
+    """What a model was scored on, as version tags: data version, split name, hash and count of its image ids
+    (``data``: the data config whose reader lists them; None: VOC split files)."""
+    ids = split_ids(data_root, split, data)
     return {"data_version": str(data_version), "eval_split": split, "eval_ids_sha256": ids_digest(ids),
             "eval_num_images": str(len(ids))}
 
 
 def dataset_source(data_cfg: Any, root: str | Path) -> dict[str, str]:
-    """Where the data came from: VOC's URL and MD5 (pinned in ``data.dvc``), or the synthetic generator's seed."""
-    if data_cfg.get("source") == "synthetic":
+    """Where the data came from, by ``data.source``: the synthetic generator's seed; a folder or archive the user
+    tracks with ``dvc add`` (``data.input``: its path and DVC's MD5, ``dvc_file`` naming its ``.dvc`` file);
+    ADE20K's public zip (``data.archive`` when given, else the first of ``data.mirrors`` or the default URL; its
+    ``data.md5``); the user's Cityscapes zips (``data.zips``, ``data.md5``);
+    VOC's URL and MD5 (pinned in ``data.dvc``). ``url`` is empty when nothing records it (data used in place)."""
+    source = data_cfg.get("source")
+    if source == "synthetic":
         synthetic = data_cfg.get("synthetic") or {}
         return {"url": f"synthetic://fcnseg.data.synthetic?seed={synthetic.get('seed', '')}", "md5": ""}
+    tracked = tracked_input(data_cfg) if data_cfg.get("input") else None
+    if tracked:
+        return {"url": str(tracked["path"]), "md5": str(tracked.get("md5") or ""),
+                "dvc_file": str(tracked.get("dvc_file") or "")}
+    if source == "ade20k":
+        from fcnseg.data.fetch import ADE20K
+
+        archive, mirrors = data_cfg.get("archive"), list(data_cfg.get("mirrors") or [])
+        url = f"file://{Path(str(archive)).resolve()}" if archive else (mirrors or list(ADE20K.urls))[0]
+        return {"url": str(url), "md5": str(data_cfg.get("md5") or ADE20K.md5 or "")}
+    if source == "cityscapes":
+        zips, md5 = dict(data_cfg.get("zips") or {}), data_cfg.get("md5")
+        md5 = dict(md5) if isinstance(md5, Mapping) else {}
+        return {"url": " ".join(f"file://{Path(str(z)).resolve()}" for z in zips.values() if z),
+                "md5": " ".join(str(md5.get(key) or "") for key, z in zips.items() if z).strip()}
+    if source not in (None, "voc"):  # a folder used in place: no record of where it came from
+        return {"url": "", "md5": ""}
     pin = Path(root) / "data.dvc"
     if pin.is_file():
         import yaml
@@ -185,7 +271,7 @@ def log_datasets(run_id: str, data_cfg: Any, root: str | Path, splits: dict[str,
     with mlflow.start_run(run_id=run_id):  # call with no active run
         for context, split in splits.items():
             try:
-                digest = ids_digest(split_ids(data_cfg["root"], split))
+                digest = ids_digest(split_ids(data_cfg["root"], split, data_cfg))
             except Exception:  # a split not on this machine (e.g. SBD's train_aug without SBD): still say which
                 digest = ""
             dataset = MetaDataset(HTTPDatasetSource(url), name=f"{data_cfg.get('name', 'data')}/{split}",

@@ -9,6 +9,8 @@ torchmetrics when ``compute()`` is called.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,6 +20,19 @@ from torchmetrics import Metric
 from fcnseg.data.classes import IGNORE_INDEX
 
 SCALAR_KEYS: tuple[str, ...] = ("pixel_acc", "mean_acc", "mean_iou", "fw_iou")
+_NOT_IN_METRIC_KEYS = re.compile(r"[^A-Za-z0-9_. -]")  # what MLflow (and Lightning's MLflow logger) accepts, less "/"
+
+
+def metric_keys(class_names: Sequence[str]) -> list[str]:
+    """One metric-name part per class (``val/iou/<key>``): the class name with characters MLflow refuses (and
+    ``/``, which would nest the name) replaced by ``_``; a key two names would share gets the class index appended,
+    so every class keeps a metric of its own."""
+    keys = [_NOT_IN_METRIC_KEYS.sub("_", str(name)).strip() or f"class_{i}" for i, name in enumerate(class_names)]
+    keys = [key if key.strip(".") else f"class_{i}" for i, key in enumerate(keys)]  # "." / ".." are paths to MLflow
+    seen: dict[str, int] = {}
+    for key in keys:
+        seen[key] = seen.get(key, 0) + 1
+    return [f"{key}_{i}" if seen[key] > 1 else key for i, key in enumerate(keys)]
 
 
 def metrics_from_confusion(hist: Tensor) -> dict[str, Tensor]:

@@ -9,9 +9,12 @@ from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
 
+from fcnseg.data.classes import VOC_CLASSES
+
 DESCRIPTION_LIMIT = 5000  # MLflow stores up to 5000 characters of a version description
 RECIPE_PARAMS = (
     "model.name", "model.net.name", "model.net.width", "model.normalization", "model.init_from",
+    "model.finetune_from",
     "optim.optimizer._target_", "optim.optimizer.lr", "optim.lr", "optim.optimizer.momentum",
     "optim.optimizer.weight_decay", "trainer.max_epochs", "trainer.precision", "data.name",
     "data.datamodule.train_split", "data.datamodule.val_split", "data.datamodule.batch_size",
@@ -33,8 +36,11 @@ def render(name: str, version: ModelVersion, run: Any | None) -> str:
     tags = version.tags or {}
     params = run.data.params if run is not None else {}
     metrics = run.data.metrics if run is not None else {}
+    classes = _class_names(tags)
+    dataset = tags.get("dataset") or params.get("data.name") or ("voc2012" if classes == list(VOC_CLASSES) else "?")
     lines = [f"# {name} v{version.version}", ""]
     lines += ["## Data and evaluation set", "",
+              f"- dataset: `{dataset}`, {len(classes)} classes: {_list(classes)}",
               f"- data version: `{tags.get('data_version', 'unknown')}`",
               f"- evaluation split: `{tags.get('eval_split', 'unknown')}` "
               f"({tags.get('eval_num_images', '?')} images, ids sha256 `{tags.get('eval_ids_sha256', 'unknown')}`)"]
@@ -63,16 +69,47 @@ def render(name: str, version: ModelVersion, run: Any | None) -> str:
     lines += [f"- rebuild: `fcnseg reproduce models:/{name}/{version.version}`"]
     if tags.get("source_weights"):
         lines.append(f"- imported weights: `{tags['source_weights']}`")
-    lines += ["", "## Intended use and limits", "",
-              "- Semantic segmentation into the 21 PASCAL VOC classes (20 objects + background) of natural RGB "
-              "photos like VOC's; every pixel gets one class, 'void' is never predicted.",
-              "- Scores hold for the evaluation split above only; other domains (medical, aerial, drawings, "
-              "night, heavy blur) and objects outside the 20 classes are not measured and will be mislabelled, "
-              "most often as background or a visually similar class.",
-              "- Not for decisions about people (person is one class; no identity, no fairness evaluation).",
-              "- Synthetic-data models (data `synthetic`) only show that the pipeline works; they do not segment "
-              "photos."]
+    lines += ["", "## Intended use and limits", ""] + _intended_use(dataset, classes)
     return "\n".join(lines) + "\n"
+
+
+def _class_names(tags: dict[str, str]) -> list[str]:
+    """The version's classes (``class_names`` tag, from the model's metadata); a version registered before it
+    was recorded is a VOC model (its per-class IoU names them otherwise)."""
+    try:
+        names = json.loads(tags.get("class_names") or "null")
+    except ValueError:
+        names = None
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
+    per_class = json.loads(tags.get("per_class_iou") or "null") or {}
+    return list(per_class) if per_class else list(VOC_CLASSES)
+
+
+def _list(names: list[str], limit: int = 40) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _intended_use(dataset: str, classes: list[str]) -> list[str]:
+    """The card's use and limits: VOC's wording for a VOC model, the dataset's own classes for any other."""
+    if classes == list(VOC_CLASSES):
+        lines = ["- Semantic segmentation into the 21 PASCAL VOC classes (20 objects + background) of natural RGB "
+                 "photos like VOC's; every pixel gets one class, 'void' is never predicted.",
+                 "- Scores hold for the evaluation split above only; other domains (medical, aerial, drawings, "
+                 "night, heavy blur) and objects outside the 20 classes are not measured and will be mislabelled, "
+                 "most often as background or a visually similar class.",
+                 "- Not for decisions about people (person is one class; no identity, no fairness evaluation)."]
+    else:
+        lines = [f"- Semantic segmentation into the {len(classes)} classes of dataset `{dataset}` "
+                 f"({_list(classes, 12)}) of images like that dataset's; every pixel gets one class, the ignore "
+                 "label is never predicted.",
+                 f"- Scores hold for the evaluation split above only; other domains and anything outside these "
+                 f"{len(classes)} classes are not measured and will be mislabelled as a visually similar class."]
+    if dataset == "synthetic":
+        lines.append("- Synthetic-data models (data `synthetic`) only show that the pipeline works; they do not "
+                     "segment photos.")
+    return lines
 
 
 def publish_model_card(client, version: ModelVersion) -> str:

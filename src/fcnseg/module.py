@@ -16,9 +16,10 @@ from torch import nn
 import torchmetrics
 from torchmetrics import MeanMetric
 
-from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES, class_names_for
+from fcnseg.data.classes import IGNORE_INDEX, NUM_CLASSES
+from fcnseg.data.dataset_spec import DatasetSpec
 from fcnseg.errors import FcnsegError
-from fcnseg.metrics import SCALAR_KEYS, SegmentationMetrics
+from fcnseg.metrics import SCALAR_KEYS, SegmentationMetrics, metric_keys
 from fcnseg.models.checkpoint import inference_net_config, load_checkpoint_state, read_checkpoint
 from fcnseg.models.weights import NET_PREFIX
 
@@ -31,7 +32,7 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\
 
 
 class SegmentationModule(L.LightningModule):
-    """Trains an FCN with per-pixel softmax cross-entropy, void (255) ignored.
+    """Trains an FCN with per-pixel softmax cross-entropy, the dataset's ignore index (VOC's void 255) ignored.
 
     Distributed training, by design: every cross-rank reduction happens in this module's own epoch-end hooks
     (``on_train_epoch_end``, ``on_validation_epoch_end``), which every rank runs at the same point in the same
@@ -47,6 +48,10 @@ class SegmentationModule(L.LightningModule):
       config, stepped every optimiser step; ``total_iters`` is filled in with the run's total steps),
       ``bias_lr_mult``, ``bias_weight_decay``, ``loss_reduction`` (``mean`` over valid pixels, or the paper's ``sum``).
     - ``normalization``: the input normalisation the weights expect; recorded so inference matches training.
+    - ``dataset``: the dataset's metadata (:meth:`fcnseg.data.dataset_spec.DatasetSpec.to_metadata`: name, class
+      names, palette, ignore index, source), kept in the checkpoint for everything that predicts; its class names
+      name the per-class metrics (``val/iou/<name>``) and its ignore index is the loss's and the metrics'.
+      Without it (older checkpoints), ``num_classes``, ``ignore_index`` and ``class_names`` describe the classes.
     - Speed (the ``training`` config section): ``train_metrics_every_n_steps`` (training metrics from 1 step in n;
       0: off), ``nonfinite_check_every_n_steps`` (how often the loss's finiteness reaches the host; also at each
       epoch's last batch; 0: never), ``channels_last`` (``auto``: on CUDA), ``compile`` (``torch.compile`` the
@@ -65,6 +70,7 @@ class SegmentationModule(L.LightningModule):
         nonfinite_check_every_n_steps: int = 10,
         channels_last: bool | str = "auto",
         compile: bool = False,
+        dataset: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -75,7 +81,16 @@ class SegmentationModule(L.LightningModule):
         if channels_last not in (True, False, "auto"):
             raise FcnsegError(f"training.channels_last must be true, false or auto, got {channels_last!r}")
         self.net = hydra.utils.instantiate(net)
-        self.class_names = class_names_for(num_classes, class_names)
+        self.dataset = DatasetSpec.from_metadata(dataset, num_classes, class_names)
+        if dataset is not None and dataset.get("ignore_index") is not None:
+            ignore_index = int(dataset["ignore_index"])
+        if self.dataset.num_classes != num_classes:
+            raise FcnsegError(f"the dataset names {self.dataset.num_classes} classes "
+                              f"({', '.join(self.dataset.class_names[:5])}, ...) but the module has num_classes="
+                              f"{num_classes}; let num_classes follow from data.class_names")
+        self.class_names = list(self.dataset.class_names)
+        self.ignore_index = ignore_index
+        self._metric_keys = metric_keys(self.class_names)  # val/iou/<name>, made valid MLflow metric names
         reduction = (optim or {}).get("loss_reduction", "mean")
         if reduction not in ("mean", "sum"):
             raise FcnsegError(f"optim.loss_reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -170,9 +185,9 @@ class SegmentationModule(L.LightningModule):
         for image, mask in zip(images, masks):
             logits = self.net(self._to_memory_format(image[None])).float()
             target = mask[None].long()
-            valid = (target != self.hparams.ignore_index).sum().clamp(min=1)  # stays on the device: no sync
+            valid = (target != self.ignore_index).sum().clamp(min=1)  # stays on the device: no sync
             # val/loss: the mean over images (of all ranks) of each image's per-pixel loss
-            self.val_loss.update(F.cross_entropy(logits, target, ignore_index=self.hparams.ignore_index,
+            self.val_loss.update(F.cross_entropy(logits, target, ignore_index=self.ignore_index,
                                                  reduction="sum") / valid)
             self.val_metrics.update(logits, target)
 
@@ -198,9 +213,9 @@ class SegmentationModule(L.LightningModule):
     def _log_metrics(self, stage: str, results: dict[str, Any], per_class: bool) -> None:
         scalars = {f"{stage}/{key}": float(results[key]) for key in SCALAR_KEYS}
         if per_class:
-            for name, iou in zip(self.class_names, results["per_class_iou"].tolist()):
+            for key, iou in zip(self._metric_keys, results["per_class_iou"].tolist()):
                 if iou == iou:  # classes absent from both truth and prediction have no IoU (nan): skip them
-                    scalars[f"{stage}/iou/{name}"] = iou
+                    scalars[f"{stage}/iou/{key}"] = iou
         # torchmetrics already summed the confusion matrix over ranks: every rank logs the same, final values
         mean_iou = scalars.pop(f"{stage}/mean_iou")
         self.log_dict(scalars)

@@ -1,4 +1,5 @@
-"""Segment image files: a VOC palette-PNG label map and an overlay PNG (with a legend) for each image.
+"""Segment image files: a palette-PNG label map (the model's dataset's colours) and an overlay PNG (with a legend
+of the dataset's class names) for each image.
 
 Used by ``fcnseg predict``. An unreadable file is reported by name and skipped; the rest carry on.
 """
@@ -18,9 +19,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fcnseg.data.dataset_spec import DatasetSpec
 from fcnseg.data.voc import save_label_png
 from fcnseg.errors import DataError
-from fcnseg.inference import Segmenter, read_image
+from fcnseg.inference import Segmenter, read_image, segmenter_dataset
 from fcnseg.viz import overlay
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -115,13 +117,13 @@ def collect_inputs(inputs: list[str | Path], exclude: Path | None = None,
 
 
 def write_outputs(image: np.ndarray, label_map: np.ndarray, stem: Path, out_dir: Path,
-                  class_names: list[str]) -> tuple[Path, Path]:
+                  class_names: list[str], dataset: DatasetSpec | None = None) -> tuple[Path, Path]:
     mask_path = out_dir / stem.parent / f"{stem.name}.png"  # not with_suffix: "a.b" stays "a.b"
     overlay_path = out_dir / stem.parent / f"{stem.name}_overlay.png"
     try:
         mask_path.parent.mkdir(parents=True, exist_ok=True)
-        save_label_png(label_map, mask_path)
-        Image.fromarray(overlay(image, label_map, class_names=class_names)).save(overlay_path)
+        save_label_png(label_map, mask_path, palette=None if dataset is None else dataset.png_palette())
+        Image.fromarray(overlay(image, label_map, class_names=class_names, dataset=dataset)).save(overlay_path)
     except OSError as exc:  # the disk filled up, the directory went away: one line, not a thread's traceback
         raise DataError(f"cannot write {mask_path} ({exc.strerror or type(exc).__name__}); "
                         f"check the space and permissions of --out") from None
@@ -146,6 +148,7 @@ def predict_files(inputs: list[str | Path], segmenter: Segmenter, out_dir: str |
     memory stays bounded. Outputs and messages come in input order.
     """
     out_dir = check_writable(out_dir)
+    dataset = segmenter_dataset(segmenter)
     summary = PredictSummary()
     files = collect_inputs(inputs, exclude=out_dir, unreadable=summary.skipped)
     for _, reason in summary.skipped:
@@ -183,7 +186,8 @@ def predict_files(inputs: list[str | Path], segmenter: Segmenter, out_dir: str |
             label_maps = dict(zip(whole, segmenter.predict_many([chunk[i][1] for i in whole], batch_size)))
             for i, (stem, image) in enumerate(chunk):
                 label_map = label_maps[i] if i in label_maps else segmenter.predict_sliding(image, tile_size)
-                pending.append(pool.submit(write_outputs, image, label_map, stem, out_dir, segmenter.class_names))
+                pending.append(pool.submit(write_outputs, image, label_map, stem, out_dir, segmenter.class_names,
+                                           dataset))
             finish_writes(2 * batch_size)
         finish_writes(0)
     bar.close()

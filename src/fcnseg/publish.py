@@ -12,10 +12,10 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fcnseg import lineage, registry
-from fcnseg.data import VOCSegmentation
+from fcnseg.data.layouts import open_split
 from fcnseg.evaluate import EvaluationReport, evaluate_checkpoint, write_reports
 from fcnseg.metrics import SCALAR_KEYS
 from fcnseg.runs import (
@@ -55,12 +55,14 @@ def log_training_outputs(cfg: DictConfig, run_id: str, best_checkpoint: Path, ev
     client.set_tag(run_id, "mlflow.note.content",  # the run's description in the UI (registration adds the card)
                    f"{cfg.model.name} trained on {cfg.data.name} `{cfg.data.datamodule.train_split}`, validated on "
                    f"`{split}`; curves under Model metrics, evaluation plots under Artifacts/evaluation.")
+    data = OmegaConf.to_container(cfg.data, resolve=True)
     if evaluate:
-        report = evaluate_checkpoint(best_checkpoint, cfg.data.root, split, num_overlays=cfg.tracking.num_overlays)
+        report = evaluate_checkpoint(best_checkpoint, cfg.data.root, split, num_overlays=cfg.tracking.num_overlays,
+                                     data=data)
         log_evaluation(client, run_id, report)
         examples = report.example_images[:2]
     else:  # the DVC pipeline's evaluate stage evaluates the checkpoint and logs its reports here, once
-        dataset = VOCSegmentation(cfg.data.root, split)
+        dataset = open_split(data, split)
         examples = [dataset[index][0] for index in range(min(2, len(dataset)))]
     if not cfg.tracking.log_model:  # no MLflow model to carry the weights: the checkpoint is the run's copy
         client.log_artifact(run_id, str(best_checkpoint), "checkpoints")

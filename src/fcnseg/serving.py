@@ -1,4 +1,5 @@
-"""The MLflow pyfunc model: base64 image in, VOC label map (palette PNG, base64) and per-class pixel counts out.
+"""The MLflow pyfunc model: base64 image in, label map (palette PNG in the dataset's colours, base64) and per-class
+pixel counts (by the dataset's class names) out.
 
 The logged model is self-contained: it carries the few fcnseg modules inference needs (MLflow ``code_paths``:
 ``code/fcnseg/…``, put on ``sys.path`` by ``mlflow.pyfunc.load_model``), a weights-only checkpoint (the net's
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from fcnseg.inference import Segmenter
-from fcnseg.models.checkpoint import atomic_torch_save, read_checkpoint, weights_only
+from fcnseg.models.checkpoint import atomic_torch_save, dataset_of, read_checkpoint, weights_only
 from fcnseg.serving_guard import install as install_guard
 from fcnseg.serving_io import (SIGNATURE, ForwardCost, Limits, answer_rows, decode_label_map,  # noqa: F401
                                encode_image)
@@ -47,7 +48,8 @@ class FCNSegmenter(mlflow.pyfunc.PythonModel):
         cost = ForwardCost(segmenter.net.conv1_1.out_channels, len(segmenter.class_names),
                            tta.scales if tta is not None else (1.0,))
         limits = getattr(self, "limits", None) or Limits.from_env()
-        return answer_rows(model_input["image"], segmenter.predict, segmenter.class_names, cost, limits)
+        return answer_rows(model_input["image"], segmenter.predict, segmenter.class_names, cost, limits,
+                           getattr(segmenter, "palette", None))
 
 
 # What the model's code needs at inference (checked by tests/test_model_portability.py, which loads the model in a
@@ -55,7 +57,7 @@ class FCNSegmenter(mlflow.pyfunc.PythonModel):
 BUNDLED_MODULES = (
     "__init__.py", "errors.py", "serving.py", "inference.py", "viz.py", "image_io.py", "serving_io.py",
     "serving_guard.py", "tta.py", "tta_spec.py",
-    "data/__init__.py", "data/classes.py", "data/transforms.py", "data/voc.py",
+    "data/__init__.py", "data/classes.py", "data/dataset_spec.py", "data/transforms.py", "data/voc.py",
     "models/__init__.py", "models/fcn.py", "models/weights.py", "models/checkpoint.py", "runs.py",
 )
 # Top-level modules those modules import (albumentations + OpenCV normalise the input as evaluation does).
@@ -88,8 +90,11 @@ def write_weights(checkpoint_path: str | Path, out_path: str | Path) -> Path:
 
 
 def log_pyfunc_model(checkpoint_path: str | Path, example_images: list[np.ndarray], name: str = "model") -> str:
-    """Logs the checkpoint's weights as a self-contained MLflow pyfunc model in the active run; returns its URI."""
+    """Logs the checkpoint's weights as a self-contained MLflow pyfunc model in the active run; returns its URI.
+    The model's metadata (MLmodel ``metadata.dataset``) holds its dataset's name, class names, palette and ignore
+    index, so the registry and its readers know the classes without loading the weights."""
     input_example = pd.DataFrame({"image": [encode_image(image) for image in example_images]})
+    dataset = dataset_of(read_checkpoint(checkpoint_path))
     with tempfile.TemporaryDirectory(prefix="fcnseg-model-") as tmp:
         weights = write_weights(checkpoint_path, Path(tmp) / "weights.pt")
         code = bundle_code(Path(tmp) / "code")
@@ -101,5 +106,6 @@ def log_pyfunc_model(checkpoint_path: str | Path, example_images: list[np.ndarra
             signature=SIGNATURE,
             input_example=input_example,
             pip_requirements=pinned_requirements(),
+            metadata={"dataset": dataset.to_metadata(), "num_classes": dataset.num_classes},
         )
     return info.model_uri

@@ -120,7 +120,8 @@ def encode_image(image: np.ndarray | Image.Image, format: str = "PNG") -> str:
 
 
 def encode_label_map(label_map: np.ndarray, palette: np.ndarray | None = None) -> str:
-    """A label map as a base64 palette PNG (class indices as pixel values; the VOC palette unless given)."""
+    """A label map as a base64 palette PNG (class indices as pixel values; the model's dataset's colours, the VOC
+    palette unless given)."""
     image = Image.fromarray(np.asarray(label_map, dtype=np.uint8))
     colours = np.zeros((256, 3), np.uint8)
     given = voc_palette(256) if palette is None else np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
@@ -168,11 +169,12 @@ def answer_rows(images: Sequence, segment: Callable[[np.ndarray], np.ndarray], c
             rows.append({"mask": "", "height": 0, "width": 0, "class_pixels": "{}", "error": message})
             continue
         counts = np.bincount(label_map.ravel(), minlength=len(class_names))
+        names = list(class_names) + [f"class_{i}" for i in range(len(class_names), len(counts))]  # none dropped
         rows.append({
             "mask": encode_label_map(label_map, palette),
             "height": int(label_map.shape[0]),
             "width": int(label_map.shape[1]),
-            "class_pixels": json.dumps({name: int(c) for name, c in zip(class_names, counts) if c}),
+            "class_pixels": json.dumps({name: int(c) for name, c in zip(names, counts) if c}),
             "error": "",
         })
     if rows and len(errors) == len(rows):

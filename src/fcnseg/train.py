@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from fcnseg.checkpointing import AtomicCheckpointIO, RelocatableCheckpoints
 from fcnseg.cli_errors import exit_on_user_error, precheck_overrides
 from fcnseg.config import CONFIG_DIR, CONFIG_NAME
-from fcnseg.data.classes import class_names_for
+from fcnseg.data.dataset_spec import DatasetSpec, dataset_spec
 from fcnseg.distributed import collective_failures_as_one_line, join_submitit_job
 from fcnseg.data.prepare import prepare
 from fcnseg.errors import ConfigError
@@ -57,18 +57,48 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def net_config(cfg: DictConfig, spec: DatasetSpec) -> dict[str, Any]:
+    """``model.net`` with its class count from the dataset (``num_classes: null`` follows ``data.class_names``)."""
+    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    if net.get("num_classes") is None:
+        net["num_classes"] = spec.num_classes
+    elif int(net["num_classes"]) != spec.num_classes:
+        raise ConfigError(f"model.net.num_classes={net['num_classes']} but dataset {spec.name!r} has "
+                          f"{spec.num_classes} classes ({', '.join(spec.class_names[:4])}, ...); leave "
+                          f"model.net.num_classes=null so it follows data.class_names")
+    if cfg.model.get("finetune_from"):  # every backbone tensor comes from the fine-tuned model: fetch no VGG16
+        net["backbone_weights"] = None
+    return net
+
+
 def build_module(cfg: DictConfig) -> SegmentationModule:
+    """The LightningModule of ``cfg``: the net sized and named by the dataset's spec (``data``), then
+    initialised from a coarser net (``model.init_from``) or fine-tuned from a model of another dataset
+    (``model.finetune_from``)."""
+    spec = dataset_spec(OmegaConf.to_container(cfg.data, resolve=True))
+    if cfg.model.get("init_from") and cfg.model.get("finetune_from"):
+        raise ConfigError("model.init_from (staged training, same classes) and model.finetune_from (another "
+                          "dataset's model) are exclusive: set one of them to null")
     module = SegmentationModule(
-        net=OmegaConf.to_container(cfg.model.net, resolve=True),
+        net=net_config(cfg, spec),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        num_classes=cfg.data.num_classes,
+        num_classes=spec.num_classes,
+        ignore_index=spec.ignore_index,
         normalization=cfg.model.normalization,
-        class_names=class_names_for(cfg.data.num_classes, cfg.data.get("class_names")),
+        class_names=list(spec.class_names),
+        dataset=spec.to_metadata(),
         **OmegaConf.to_container(cfg.training, resolve=True),
     )
     if cfg.model.init_from:  # staged training: FCN-16s from FCN-32s, FCN-8s from FCN-16s
         copied = init_from_coarser(module.net, cfg.model.init_from)
         log.info("initialised %d tensors from %s", len(copied), cfg.model.init_from)
+    elif cfg.model.get("finetune_from"):  # VOC weights (or any model) to this dataset's classes
+        from fcnseg.finetune import finetune_from
+
+        copied = finetune_from(module.net, str(cfg.model.finetune_from), cfg.model.normalization,
+                               cfg.tracking.get("tracking_uri"))
+        log.info("fine-tuning from %s: %d tensors kept, score layers re-initialised", cfg.model.finetune_from,
+                 len(copied))
     return module
 
 

@@ -93,8 +93,9 @@ class DatasetSpec:
 
     def png_palette(self) -> np.ndarray:
         """The 256-entry colour table for paletted (mode P) label PNGs: the classes' colours, the ignore index in
-        the void colour, black elsewhere; shape ``(256, 3)`` uint8."""
-        table = np.zeros((256, 3), dtype=np.uint8)
+        the void colour, the generated (VOC) map's colours elsewhere, so a VOC model's PNGs carry exactly the VOC
+        devkit's colour map; shape ``(256, 3)`` uint8."""
+        table = generated_palette(256)
         count = min(self.num_classes, 256)
         table[:count] = self.palette[:count]
         if 0 <= self.ignore_index < 256:

@@ -5,7 +5,9 @@ A checkpoint is a ``torch.save``d dict with
 - ``state_dict``: the net's tensors under ``net.`` (the LightningModule's attribute), plus, from training only,
   optimiser state, loop counters and callback states next to it;
 - ``hyper_parameters``: ``net`` (``fcnseg.models.build_fcn``'s arguments), ``normalization`` (what input the
-  weights expect), ``class_names``, ``num_classes`` and, from training, ``optim``.
+  weights expect), ``class_names``, ``num_classes``, ``dataset`` (:meth:`DatasetSpec.to_metadata`: name, class
+  names, palette, ignore index, source) and, from training, ``optim``. Checkpoints written before ``dataset`` was
+  recorded read back as VOC (:meth:`DatasetSpec.from_metadata`).
 Read with ``weights_only=True`` and without Lightning: a checkpoint can never run code, and loading one to predict
 does not pay Lightning's import time.
 """
@@ -20,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcnseg.data.classes import NUM_CLASSES, class_names_for
+from fcnseg.data.dataset_spec import DatasetSpec
 from fcnseg.errors import CheckpointError, one_line
 from fcnseg.models.fcn import build_fcn
 from fcnseg.models.weights import NET_PREFIX
 
-NET_HPARAMS = ("net", "num_classes", "normalization", "class_names")  # what rebuilding the net for inference needs
+# what rebuilding the net for inference needs
+NET_HPARAMS = ("net", "num_classes", "normalization", "class_names", "dataset")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -42,14 +45,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def save_net_checkpoint(net: nn.Module, net_config: dict[str, Any], path: str | Path, normalization: str,
-                        class_names: list[str]) -> Path:
+                        class_names: list[str], dataset: DatasetSpec | None = None) -> Path:
     """A net alone (``import-weights``, tests, benchmarks) in the checkpoint format, so ``fcnseg predict`` /
-    ``evaluate``, MLflow logging and ``model.init_from`` treat it like a trained one."""
+    ``evaluate``, MLflow logging and ``model.init_from`` treat it like a trained one. ``dataset``: the classes'
+    metadata (default: from ``class_names``, VOC's palette for VOC's names)."""
+    dataset = dataset or DatasetSpec.from_metadata(None, class_names=class_names)
     hyper_parameters = {
         "net": {"_target_": "fcnseg.models.build_fcn", **net_config},
         "num_classes": len(class_names),
         "normalization": normalization,
         "class_names": list(class_names),
+        "dataset": dataset.to_metadata(),
     }
     state_dict = {f"{NET_PREFIX}{key}": value for key, value in net.state_dict().items()}
     return atomic_torch_save({"state_dict": state_dict, "hyper_parameters": hyper_parameters}, path)
@@ -99,14 +105,18 @@ def inference_net_config(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return {**net, "backbone_weights": None}
 
 
-def build_net(path: str | os.PathLike) -> tuple[nn.Module, str, list[str]]:
-    """The checkpoint's net with its weights (eval mode), the input normalisation they expect, and the class
-    names."""
+def dataset_of(checkpoint: Mapping[str, Any]) -> DatasetSpec:
+    """The dataset a checkpoint's net was trained on (class names, palette, ignore index); VOC for old files."""
+    hparams = checkpoint["hyper_parameters"]
+    return DatasetSpec.from_metadata(hparams.get("dataset"), hparams.get("num_classes"), hparams.get("class_names"))
+
+
+def build_net(path: str | os.PathLike) -> tuple[nn.Module, str, DatasetSpec]:
+    """The checkpoint's net with its weights (eval mode), the input normalisation they expect, and its dataset's
+    class metadata."""
     checkpoint = read_checkpoint(path)
     net = build_fcn(**inference_net_config(checkpoint))
     state = {key[len(NET_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
              if key.startswith(NET_PREFIX)}
     load_checkpoint_state(net, state, path)
-    hparams = checkpoint["hyper_parameters"]
-    names = class_names_for(hparams.get("num_classes", NUM_CLASSES), hparams.get("class_names"))
-    return net.eval(), hparams.get("normalization", "imagenet"), names
+    return net.eval(), checkpoint["hyper_parameters"].get("normalization", "imagenet"), dataset_of(checkpoint)

@@ -17,6 +17,7 @@ from fcnseg.errors import ConfigError
 from fcnseg.models.weights import load_vgg16_backbone
 
 FCN_NAMES: tuple[str, ...] = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
+SCORE_LAYERS: tuple[str, ...] = ("score_fr", "score_pool4", "score_pool3")  # the class-specific 1x1 convolutions
 
 
 def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
@@ -112,6 +113,18 @@ class _FCNBase(nn.Module):
                 else:
                     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(module.bias)
+
+    def reset_classifier(self) -> None:
+        """Score layers (``score_fr``, ``score_pool4``, ``score_pool3``) back to zero and the upsampling
+        deconvolutions back to bilinear: where training on a new set of classes starts (fine-tuning)."""
+        for module in self.children():
+            if isinstance(module, nn.ConvTranspose2d):
+                with torch.no_grad():
+                    module.weight.copy_(bilinear_kernel(self.num_classes, module.kernel_size[0]))
+        for name in SCORE_LAYERS:
+            if hasattr(self, name):
+                nn.init.zeros_(getattr(self, name).weight)
+                nn.init.zeros_(getattr(self, name).bias)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (pool3, pool4, fc7 output after dropout)."""

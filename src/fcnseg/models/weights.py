@@ -1,4 +1,5 @@
-"""Getting weights into an FCN: VGG16 backbones, the pytorch-fcn reference nets, and coarser FCNs (staged training).
+"""Getting weights into an FCN: VGG16 backbones, the pytorch-fcn reference nets, coarser FCNs (staged training) and
+trained FCNs of other datasets (fine-tuning to new classes).
 
 All files are read with ``torch.load(weights_only=True)``: a checkpoint can never run code. Every failure a user
 can cause (missing file, corrupt file, wrong kind of checkpoint, wrong key or shape) is a one-line
@@ -174,4 +175,31 @@ def init_from_coarser(model: nn.Module, checkpoint_or_state_dict: StateDictSourc
             f"{where} shares no FCN weights with this model (conv1_1 missing or of another shape); "
             "pass a checkpoint of a coarser FCN trained with the same width"
         )
+    return copied
+
+
+CLASS_LAYER_PREFIXES = ("score_", "upscore")  # score layers and upsampling: sized by the class count
+
+
+def load_for_finetuning(model: nn.Module, checkpoint_or_state_dict: StateDictSource) -> list[str]:
+    """Fine-tuning a trained FCN (e.g. the published VOC nets) to another dataset's classes: the backbone and fc
+    layers (``conv1_1`` … ``fc7``) are copied from the source, of any variant and class count; the score layers
+    (``score_fr``, ``score_pool4``, ``score_pool3``) start again at zero and the upsampling deconvolutions at
+    bilinear (:meth:`~fcnseg.models.fcn._FCNBase.reset_classifier`), also when the class counts happen to match.
+    Returns the copied keys; a source lacking a backbone tensor, or of another width, is a CheckpointError."""
+    state, where = read_state_dict(checkpoint_or_state_dict)
+    copied = []
+    for key, target in model.state_dict().items():
+        if key.startswith(CLASS_LAYER_PREFIXES):
+            continue
+        if key not in state:
+            raise CheckpointError(f"{where} lacks the backbone tensor {key!r}; fine-tune from an FCN checkpoint, a "
+                                  f"pytorch-fcn .pth or a registered fcnseg model")
+        if state[key].shape != target.shape:
+            raise CheckpointError(f"{where}: {key!r} has shape {tuple(state[key].shape)}, this model needs "
+                                  f"{tuple(target.shape)}; set model.net.width to the width the source was "
+                                  f"trained with (1.0 for the published nets)")
+        _copy(target, state[key])
+        copied.append(key)
+    model.reset_classifier()
     return copied

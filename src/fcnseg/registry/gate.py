@@ -5,8 +5,10 @@ The ``champion`` alias moves to a version only when there is no champion yet, or
 - both were scored on the identical evaluation set: same data version, split name and sha256 of the split's sorted
   image ids (tags ``data_version``, ``eval_split``, ``eval_ids_sha256``; see :mod:`fcnseg.lineage`),
 - the version's mean IoU (tag ``val_mean_iou``) is strictly higher than the champion's, and
-- no class's IoU (tag ``per_class_iou``) drops by more than ``per_class_margin`` (default 0.05 = 5 points).
-``force`` overrides all three and is recorded.
+- both predict the same classes (tag ``class_names``, the model's dataset: names in order), and
+- no class's IoU (tag ``per_class_iou``, keyed by the dataset's class names) drops by more than
+  ``per_class_margin`` (default 0.05 = 5 points).
+``force`` overrides all of them and is recorded.
 """
 
 from __future__ import annotations
@@ -83,6 +85,15 @@ def per_class_iou(tags: Tags) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in table.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
+def class_names(tags: Tags) -> list[str] | None:
+    """The ``class_names`` JSON tag (the model's dataset's classes, in order); None when absent or unreadable."""
+    try:
+        names = json.loads(tags.get("class_names") or "null")
+    except ValueError:
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
 def per_class_deltas(challenger: Tags, champion: Tags) -> dict[str, float] | None:
     """Challenger − champion IoU for every class both scored; None when either lacks per-class IoU."""
     new, old = per_class_iou(challenger), per_class_iou(champion)
@@ -140,6 +151,12 @@ def decide(name: str, version: int, challenger: Tags, champion: Tags | None, cha
     if old_iou is None:
         raise TrackingError(f"champion {name} v{old_number} has no val_mean_iou tag, so v{version} cannot be "
                             f"compared with it; set the tag or promote anyway with --force")
+    new_classes, old_classes = class_names(challenger), class_names(champion)
+    if new_classes is not None and old_classes is not None and new_classes != old_classes:
+        return make(False, "refused", f"refused: v{version} predicts {len(new_classes)} classes "
+                                      f"({', '.join(new_classes[:4])}, ...), champion v{old_number} "
+                                      f"{len(old_classes)} ({', '.join(old_classes[:4])}, ...): not the same "
+                                      f"classes, so the per-class guard cannot compare them; use --force")
     if new_iou <= old_iou:
         return make(False, "kept", f"kept champion v{old_number}: challenger v{version} val mIoU "
                                    f"{new_iou:.4f} <= {old_iou:.4f}")

@@ -46,6 +46,8 @@ def register_model(model_uri: str, name: str, *, val_mean_iou: float | None, dat
         version_tags["per_class_iou"] = json.dumps(
             {k: (None if v is None or v != v else round(float(v), 6)) for k, v in per_class_iou.items()})
     version_tags.update({k: str(v) for k, v in (lineage or {}).items()})
+    with as_tracking_error(f"register {model_uri} as {name}", client):
+        version_tags = {**dataset_tags(model_uri, client), **version_tags}
     with as_tracking_error(f"register {model_uri} as {name}", client), registry_lock(client, name):
         with using_store(store_uri(client)):  # it also resolves runs:/ URIs to the logged model, as MLflow 3 does
             version = retry(mlflow.register_model, model_uri, name, tags=version_tags)
@@ -58,6 +60,21 @@ def register_model(model_uri: str, name: str, *, val_mean_iou: float | None, dat
             publish_model_card(client, version)
         version = retry(client.get_model_version, name, version.version)
     return version
+
+
+def dataset_tags(model_uri: str, client: mlflow.MlflowClient) -> dict[str, str]:
+    """The classes a logged model predicts, from its MLmodel metadata (``metadata.dataset``, written by
+    :func:`fcnseg.serving.log_pyfunc_model`), as version tags: ``dataset``, ``num_classes``, ``class_names`` (JSON).
+    {} for a model without that metadata (logged by older code)."""
+    from mlflow.models import get_model_info
+
+    with using_store(store_uri(client)):
+        metadata = (retry(get_model_info, model_uri).metadata or {}).get("dataset") or {}
+    if not metadata.get("class_names"):
+        return {}
+    names = [str(n) for n in metadata["class_names"]]
+    return {"dataset": str(metadata.get("name", "unnamed")), "num_classes": str(len(names)),
+            "class_names": json.dumps(names)}
 
 
 def registered_as(client: mlflow.MlflowClient, name: str, model_uri: str) -> ModelVersion | None:
@@ -97,6 +114,8 @@ def list_versions(name: str, *, client: mlflow.MlflowClient) -> list[dict[str, A
             "version": int(v.version),
             "aliases": sorted(by_version.get(int(v.version), [])),
             "val_mean_iou": mean_iou(tags),
+            "dataset": tags.get("dataset"),
+            "num_classes": int(tags["num_classes"]) if str(tags.get("num_classes", "")).isdigit() else None,
             "data_version": tags.get("data_version") or None,
             "eval_split": tags.get("eval_split"),
             "eval_ids_sha256": tags.get("eval_ids_sha256"),

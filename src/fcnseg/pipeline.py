@@ -126,8 +126,9 @@ def evaluate(cfg: DictConfig) -> None:
     if not run.best.is_file():
         raise FcnsegError(f"{run.best} not found; run the train stage first (dvc repro train)")
     tta = cfg.get("tta")  # test-time augmentation: none by default, -S tta=mmseg (conf/tta/)
+    data = OmegaConf.to_container(cfg.data, resolve=True)  # the split is read as the data config says
     report = evaluate_checkpoint(run.best, cfg.data.root, cfg.data.datamodule.val_split,
-                                 num_overlays=cfg.tracking.num_overlays, progress=True, tta=tta)
+                                 num_overlays=cfg.tracking.num_overlays, progress=True, tta=tta, data=data)
     write_reports(report, METRICS_FILE, PLOTS_DIR, history=epoch_history(run.metrics_csv))
     print_report(report)
     # A held-out split (the synthetic data's `test`): scored with the checkpoint selected on val, reported next to
@@ -135,7 +136,7 @@ def evaluate(cfg: DictConfig) -> None:
     test_split = cfg.data.get("test_split")
     test_report = None
     if test_split:
-        test_report = evaluate_checkpoint(run.best, cfg.data.root, test_split, progress=True, tta=tta)
+        test_report = evaluate_checkpoint(run.best, cfg.data.root, test_split, progress=True, tta=tta, data=data)
         metrics = json.loads(METRICS_FILE.read_text())
         metrics[test_split] = test_report.summary()
         METRICS_FILE.write_text(json.dumps(metrics, indent=2))
@@ -163,7 +164,7 @@ def register(cfg: DictConfig) -> None:
     data_version = lineage.data_version(cfg.data.root)
     client = registry.client_for(run.read_record()["tracking_uri"])
     name = cfg.tracking.registered_model_name
-    evaluation = lineage.evaluation_set(cfg.data.root, cfg.data.datamodule.val_split, data_version)
+    evaluation = lineage.evaluation_set(cfg.data.root, cfg.data.datamodule.val_split, data_version, cfg.data)
     existing = registry.registered_as(client, name, result["model_uri"])
     same_claim = existing is not None and (existing.tags or {}).get("val_mean_iou") == repr(float(metrics["mean_iou"])) \
         and all((existing.tags or {}).get(key) == value for key, value in evaluation.items())
@@ -199,16 +200,28 @@ def compose_params(output: str | Path = "params.yaml", overrides: list[str] | No
     compose_and_dump(output, CONFIG_DIR, None, CONFIG_NAME, "", list(overrides or []))
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """conf/ composed with Hydra ``overrides``, as `dvc exp run -S` composes params.yaml."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        return compose(CONFIG_NAME, overrides=list(overrides))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fcnseg.pipeline", description=__doc__)
     parser.add_argument("stage", choices=(*STAGES, "params"),
                         help="a dvc.yaml stage, or 'params' to recompose params.yaml from conf/ [overrides]")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides (only with 'params')")
+    parser.add_argument("overrides", nargs="*",
+                        help="Hydra overrides: with 'params', recomposed into params.yaml; with 'prepare', the config "
+                             "it prepares is composed from conf/ with them (e.g. data=ade20k) instead of params.yaml")
     parser.add_argument("--params", default="params.yaml", help="composed config (default: params.yaml)")
     args = parser.parse_intermixed_args(argv)  # --params may come before or after the overrides
     with exit_on_user_error():
         if args.stage == "params":
             compose_params(args.params, args.overrides)
+        elif args.stage == "prepare" and args.overrides:  # outside DVC: `prepare data=folder data.input=own_data`
+            prepare(compose_config(args.overrides))
         else:
             globals()[args.stage](load_params(args.params))
 

@@ -14,6 +14,7 @@ dataset (``splits/train.txt``, ``splits/val.txt``), so the DVC hash of the data 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULTS: dict[str, Any] = {"images": "images", "masks": "masks", "splits": "splits", "val_fraction": 0.2,
                             "split_seed": 0}
 RATIO_SPLITS = ("train", "val", "all")
+log = logging.getLogger(__name__)
 
 
 def folder_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -92,7 +94,11 @@ def split_stems(root: Path, options: Mapping[str, Any], split: str, stems: list[
                         f"lists the folder layout has {', '.join(RATIO_SPLITS)} (data.folder.val_fraction, "
                         "data.folder.split_seed)")
     chosen = ratio_split(stems, options["val_fraction"], int(options["split_seed"]))[split]
-    return chosen, f"data.folder.val_fraction={options['val_fraction']}, split_seed={options['split_seed']}"
+    decided = f"data.folder.val_fraction={options['val_fraction']}, split_seed={options['split_seed']}"
+    # recorded in the log here; the prepare stage writes it into the prepared data (write_split_lists)
+    log.info("split %r of %s: %d of %d images by %s (no split lists in %s)", split, root, len(chosen), len(stems),
+             decided, splits_dir)
+    return chosen, decided
 
 
 def write_split_lists(root: str | Path, options: Mapping[str, Any] | None = None) -> dict[str, list[str]]:

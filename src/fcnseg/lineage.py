@@ -274,7 +274,10 @@ def log_datasets(run_id: str, data_cfg: Any, root: str | Path, splits: dict[str,
                 digest = ids_digest(split_ids(data_cfg["root"], split, data_cfg))
             except Exception:  # a split not on this machine (e.g. SBD's train_aug without SBD): still say which
                 digest = ""
+            # MLflow keeps one dataset per (name, digest) in an experiment: the source is part of the digest, so
+            # two folders named alike with the same file names stay two datasets with their own sources
+            identity = hashlib.sha256(f"{url}\n{digest}".encode()).hexdigest()[:16] if digest else None
             dataset = MetaDataset(HTTPDatasetSource(url), name=f"{data_cfg.get('name', 'data')}/{split}",
-                                  digest=digest[:16] or None)
+                                  digest=identity)
             mlflow.log_input(dataset, context=context,
                              tags={"split": split, "md5": source["md5"], "ids_sha256": digest})

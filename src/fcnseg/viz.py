@@ -130,8 +130,8 @@ def plot_confusion_matrix(hist: np.ndarray, class_names: Sequence[str]) -> Figur
     hist = np.asarray(hist, dtype=np.float64)
     rows = hist.sum(axis=1, keepdims=True)
     normalised = np.divide(hist, rows, out=np.zeros_like(hist), where=rows > 0)
-    size = min(max(4.0, 0.35 * len(class_names) + 2), 40.0)  # 150 classes (ADE20K): 40 in, small labels
-    fontsize = max(3.0, min(10.0, 10.0 * 30 / max(len(class_names), 1)))
+    size = min(max(4.0, 0.35 * len(class_names) + 2), 20.0)  # 150 classes (ADE20K): 20 in, small labels
+    fontsize = max(2.5, min(10.0, 10.0 * 30 / max(len(class_names), 1)))
     fig = _new_figure(size + 1, size)
     ax = fig.add_subplot()
     shown = ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
@@ -150,7 +150,7 @@ def plot_per_class_iou(iou: np.ndarray, class_names: Sequence[str], palette: np.
     classes with no IoU (nan: absent from truth and prediction) say so."""
     iou = np.asarray(iou, dtype=np.float64)
     colours = (_spec(None, class_names).palette if palette is None else np.asarray(palette))[: len(class_names)]
-    fig = _new_figure(6.0, max(3.0, 0.3 * len(class_names) + 1))
+    fig = _new_figure(6.0, min(max(3.0, 0.3 * len(class_names) + 1), 30.0))
     ax = fig.add_subplot()
     positions = np.arange(len(class_names))
     ax.barh(positions, np.nan_to_num(iou, nan=0.0), color=colours / 255.0, edgecolor="black")

@@ -205,3 +205,18 @@ def test_pipeline_prepare_with_overrides_prepares_outside_dvc(tmp_path, capsys):
               f"paths.data_dir={tmp_path / 'data'}"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "data.input=" in errors[0] and "neither a folder nor an archive" in errors[0]
+
+
+def test_own_copy_of_a_known_layout_is_prepared_from_its_archive(tmp_path):
+    """data.source=folder with data.layout=cityscapes: a Cityscapes folder you track with `dvc add` (here as a zip)
+    is prepared from data.input and read with the Cityscapes label map; the wrong layout is one line."""
+    data = write_cityscapes_dataset(tmp_path / "my_cityscapes", num_train=1, num_val=1)
+    archive = tmp_path / "my_cityscapes.zip"
+    archive.write_bytes(zip_tree(data.root, "my_cityscapes"))
+    cfg = data_config(["data=cityscapes", "data.source=folder", f"data.input={archive}",
+                       f"data.root={tmp_path / 'data' / 'cityscapes'}"])
+    root = prepare(cfg, tmp_path / "data")
+    assert (root / "gtFine").is_dir() and (root / ".complete").is_file()
+    np.testing.assert_array_equal(open_split(cfg, "val")[0][1], data.labels[data.splits["val"][0]])
+    with pytest.raises(ConfigError, match="has no images/: it is not in the ade20k layout"):
+        prepare({**cfg, "layout": "ade20k", "input": str(data.root)}, tmp_path / "data")

@@ -195,24 +195,32 @@ def _dvc_hash(path: Path) -> str | None:
     return tracked[1] if tracked else None
 
 
-def _folder_root_of(extracted: Path, options: dict) -> Path:
-    """The directory holding ``images/`` + ``masks/`` in an extracted archive: its top, or its one top folder."""
-    if (extracted / options["images"]).is_dir():
+def _top_dir(layout: str, options: dict) -> str:
+    """The directory a dataset of ``layout`` has at its top (how the dataset is found in an archive)."""
+    return {"voc": "JPEGImages", "cityscapes": "leftImg8bit", "ade20k": "images"}.get(layout, options["images"])
+
+
+def _folder_root_of(extracted: Path, top: str) -> Path:
+    """The dataset directory in an extracted archive (it holds ``top``): the archive's top, or its one top folder."""
+    if (extracted / top).is_dir():
         return extracted
     children = [child for child in extracted.iterdir() if child.is_dir() and not child.name.startswith((".", "__"))]
-    if len(children) == 1 and (children[0] / options["images"]).is_dir():
+    if len(children) == 1 and (children[0] / top).is_dir():
         return children[0]
-    raise ConfigError(f"the archive holds no {options['images']}/ and {options['masks']}/ (at its top or in one top "
-                      "folder); pack the folder layout's directory")
+    raise ConfigError(f"the archive holds no {top}/ (at its top or in one top folder); pack the dataset's directory "
+                      "(data.layout says which layout it is in)")
 
 
 def prepare_folder(data_cfg: dict, *, progress: bool = True) -> Path:
     """Own data at ``data.root``: built from ``data.input`` (a folder: hard links; an archive: extracted safely),
-    or ``data.root`` as it is without ``data.input``. Split lists are written when the data has none."""
+    or ``data.root`` as it is without ``data.input``. In the folder layout, split lists are written when the data has
+    none; data in another layout (``data.layout``: voc, cityscapes, ade20k) is taken as it is."""
     root, options = Path(data_cfg["root"]), folder_options(data_cfg.get("folder"))
+    layout = str(data_cfg.get("layout") or "folder")
     source = data_cfg.get("input")
     if not source or Path(source).resolve() == root.resolve():
-        find_pairs(root, options)  # one line now if the folder is not the layout, not at training time
+        if layout == "folder":
+            find_pairs(root, options)  # one line now if the folder is not the layout, not at training time
         return root
     source = Path(source)
     is_archive = source.is_file() and source.name.lower().endswith(ARCHIVE_SUFFIXES)
@@ -228,13 +236,17 @@ def prepare_folder(data_cfg: dict, *, progress: bool = True) -> Path:
         if is_archive:
             extracted = safe_extract(source, root.with_name(f"{root.name}.tmp-extract-{os.getpid()}"),
                                      progress=progress)
-            os.replace(_folder_root_of(extracted, options), staging)
+            os.replace(_folder_root_of(extracted, _top_dir(layout, options)), staging)
             if extracted.exists():
                 _remove(extracted)
         else:
             _link_tree(source, staging)
-        find_pairs(staging, options)
-        write_split_lists(staging, options)  # the ratio split, recorded in the data (and so in its DVC hash)
+        if layout == "folder":
+            find_pairs(staging, options)
+            write_split_lists(staging, options)  # the ratio split, recorded in the data (and so in its DVC hash)
+        elif not (staging / _top_dir(layout, options)).is_dir():
+            raise ConfigError(f"data.input={source} has no {_top_dir(layout, options)}/: it is not in the "
+                              f"{layout} layout (data.layout)")
         temp = staging / f"{COMPLETE_MARKER}.tmp-{os.getpid()}"
         temp.write_text(json.dumps({"input": str(source), "dvc_md5": _dvc_hash(source)}) + "\n")
         os.replace(temp, staging / COMPLETE_MARKER)

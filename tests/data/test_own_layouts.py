@@ -136,6 +136,12 @@ def test_folder_layout_problems_are_one_line(tmp_path):
         open_split(data_config(["data=folder", f"data.root={data.root}"]), "train")
 
 
+def test_split_list_entries_may_be_file_names(tmp_path):
+    data = write_folder_dataset(tmp_path / "own")
+    (data.root / "splits" / "val.txt").write_text("images/scene_004.jpg\nscene_005.png\n")
+    assert open_split(data_config(data.overrides), "val").ids == ["scene_004", "scene_005"]
+
+
 def test_missing_split_file_lists_the_available_ones(tmp_path):
     data = write_folder_dataset(tmp_path / "own")
     with pytest.raises(DataError, match="splits/test.txt does not exist; available splits: train, val"):

@@ -77,7 +77,9 @@ def ratio_split(stems: list[str], val_fraction: float, seed: int) -> dict[str, l
 
 
 def _read_list(path: Path) -> list[str]:
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    """Stems, one a line; an entry written as a file name or path (``images/a.jpg``) counts as its stem."""
+    entries = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return [Path(e).stem if Path(e).suffix.lower() in (*IMAGE_SUFFIXES, ".png") else e for e in entries]
 
 
 def split_stems(root: Path, options: Mapping[str, Any], split: str, stems: list[str]) -> tuple[list[str], str]:

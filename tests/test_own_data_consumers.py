@@ -205,3 +205,21 @@ def test_mlflow_models_serve_answers_a_150_class_model_by_its_names_and_colours(
     assert json.loads(row["class_pixels"]) == {names[140]: 33 * 47}
     palette = np.asarray(Image.open(BytesIO(base64.b64decode(row["mask"]))).getpalette(), np.uint8).reshape(-1, 3)
     np.testing.assert_array_equal(palette[140], case["spec"].palette[140])
+
+
+def test_reproduce_gets_each_dataset_from_its_own_source(trained: dict) -> None:
+    from fcnseg.reproduce import own_data_steps, plan
+    from tests.tiny import ROOT
+
+    scripts = {classes: plan(trained["client"], f"models:/own-{classes}/{trained[classes]['version'].version}",
+                             ROOT).script() for classes in (3, 19, 150)}
+    for script in scripts.values():
+        assert "data.dvc" not in script.split("# then compare")[0] and "fcnseg fetch" not in script
+    assert "python -m fcnseg.pipeline prepare" in scripts[150] and "data.layout=ade20k" in scripts[150]
+    assert "cityscapes-dataset.com" in scripts[19] and "python -m fcnseg.pipeline prepare" in scripts[19]
+    assert "in place from" in scripts[3] and "python -m fcnseg.pipeline prepare" not in scripts[3]
+    notes, optional = [], {}
+    steps = own_data_steps({"source": "folder", "input": "own_data"}, ["data.layout=folder"], notes, optional, 1)
+    assert steps == [["dvc", "pull", "own_data.dvc"], ["python", "-m", "fcnseg.pipeline", "prepare",
+                                                       "data.layout=folder"]]
+    assert "DVC remote" in optional[1]

@@ -5,7 +5,8 @@ it, then ``git checkout <baseline>`` + ``dvc exp apply <name>`` (or ``git checko
 data.dvc's tarball is absent, which ``dvc exp apply`` would fail to check out), then ``dvc repro --force``. Otherwise, from the version's
 lineage: ``git checkout <commit>``, the data (synthetic: regenerated from its seed by training;
 VOC: ``dvc pull data.dvc`` from the team's remote, then ``fcnseg fetch``, which verifies the pinned tarball and
-downloads it when the pull could not), then ``python -m fcnseg.train`` with the
+downloads it when the pull could not; your own data: ``dvc pull <data.input>.dvc`` and the prepare stage, ADE20K's
+download or Cityscapes' zips, see :func:`own_data_steps`), then ``python -m fcnseg.train`` with the
 overrides that turn the config composed at that commit into the run's logged ``config.yaml``. Machine-specific
 settings (``paths.*``, the tracking URI and run name, ``ckpt_path``) are left out: the rebuild writes to
 ``reproduce/<name>-v<version>`` and, with ``--run``, is tracked in the store the version was read from.
@@ -173,7 +174,13 @@ def plan(client, model_uri: str, root: Path) -> Plan:
     else:
         notes.append("no git commit recorded: the config is composed from this checkout's conf/")
     data = logged.get("data") or {}
-    if data.get("source") != "synthetic":
+    default = compose_at_commit(root, commit, {k: v for k, v in (logged.get("paths") or {}).items()
+                                               if not isinstance(v, dict)})
+    overrides = training_overrides(logged, default)
+    source = data.get("source")
+    if source == "synthetic":
+        notes.append(f"synthetic data: training regenerates it from seed {(data.get('synthetic') or {}).get('seed')}")
+    elif source in (None, "voc"):
         data_dir = str((logged.get("paths") or {}).get("data_dir", "data"))
         optional[len(commands)] = "from the team's DVC remote; without one, fcnseg fetch downloads it"
         commands.append(["dvc", "pull", "data.dvc"])
@@ -181,15 +188,42 @@ def plan(client, model_uri: str, root: Path) -> Plan:
         if data_dir != "data":
             notes.append(f"the run read its data from {data_dir}; the rebuild uses ./data")
     else:
-        notes.append(f"synthetic data: training regenerates it from seed {(data.get('synthetic') or {}).get('seed')}")
-    default = compose_at_commit(root, commit, {k: v for k, v in (logged.get("paths") or {}).items()
-                                               if not isinstance(v, dict)})
+        commands += own_data_steps(data, overrides, notes, optional, len(commands))
     out_dir = f"reproduce/{name}-v{number}"
-    commands.append(["python", "-m", "fcnseg.train", *training_overrides(logged, default),
+    commands.append(["python", "-m", "fcnseg.train", *overrides,
                      f"paths.output_dir={out_dir}", f"tracking.run_name=reproduce-{name}-v{number}"])
     notes.append(f"then compare: fcnseg models {name} (the rebuild logs a new run; register it with dvc repro "
                  f"or promote by hand)")
     return Plan(name, number, commands, notes, client.tracking_uri, optional)
+
+
+CITYSCAPES_LOGIN = "https://www.cityscapes-dataset.com/downloads/"
+
+
+def own_data_steps(data: dict[str, Any], overrides: list[str], notes: list[str], optional: dict[int, str],
+                   first: int) -> list[list[str]]:
+    """How a dataset other than VOC comes back (``data.source``), then the prepare stage with the run's own
+    overrides (``python -m fcnseg.pipeline prepare``): a ``dvc add``-tracked folder or archive (``data.input``) is
+    pulled from the team's DVC remote; ADE20K's public zip is downloaded and checked by prepare; Cityscapes' zips
+    need the user's login; a folder the run read in place is the user's to put back."""
+    source, commands = data.get("source"), []
+    prepare = ["python", "-m", "fcnseg.pipeline", "prepare", *overrides]
+    if data.get("input"):
+        optional[first] = (f"from the team's DVC remote; without one, {data['input']} must already be here (the "
+                           f"version's data_version is its DVC hash)")
+        return [["dvc", "pull", f"{data['input']}.dvc"], prepare]
+    if source == "ade20k":
+        notes.append("ADE20K: prepare downloads ADEChallengeData2016.zip (or uses data.archive), MD5-checked")
+        return [prepare]
+    if source == "cityscapes":
+        zips = data.get("zips") or {}
+        notes.append(f"Cityscapes needs a login: download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip at "
+                     f"{CITYSCAPES_LOGIN} to {', '.join(str(z) for z in zips.values() if z) or 'data.zips.*'}; "
+                     f"prepare checks them (data.md5.*) and extracts them")
+        return [prepare]
+    notes.append(f"the run read its {source or 'own'} data in place from {data.get('root')}, which no DVC file tracks: "
+                 f"put the same data there first (or track it with `dvc add` and set data.input)")
+    return commands
 
 
 def experiment_of(client, version, run, root: Path) -> dict[str, str | None] | None:

@@ -45,17 +45,29 @@ def _tracking_uri_option(p: argparse.ArgumentParser,
 
 
 def _fetch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default="data", help="where downloads/ and VOCdevkit/ go (default: data)")
-    p.add_argument("--tarball", help="a VOCtrainval_11-May-2012.tar you already have (verified, then used)")
+    p.add_argument("--dataset", choices=("voc", "ade20k"), default="voc",
+                   help="voc: PASCAL VOC 2012 (default); ade20k: ADEChallengeData2016.zip (public, 150 classes). "
+                        "Cityscapes needs a login: download its zips, then `python -m fcnseg.pipeline prepare "
+                        "data=cityscapes data.zips.leftImg8bit=PATH data.zips.gtFine=PATH`")
+    p.add_argument("--data-dir", default="data", help="where downloads/ and the dataset go (default: data)")
+    p.add_argument("--tarball", help="the archive you already have: VOCtrainval_11-May-2012.tar or "
+                   "ADEChallengeData2016.zip (verified by MD5, then used)")
+    p.add_argument("--mirror", action="append", help="ade20k: a URL of ADEChallengeData2016.zip to try (repeat it; "
+                   "default: the MIT CSAIL server)")
     p.add_argument("--sbd", action="store_true", help="also fetch SBD for the paper's train_aug split")
     p.add_argument("--sbd-tarball", help="a benchmark.tgz you already have")
 
 
-@command("fetch", "download (mirrors, resume, MD5) and extract PASCAL VOC 2012 (+SBD)")
+@command("fetch", "download (mirrors, resume, MD5) and extract PASCAL VOC 2012 (+SBD) or ADE20K")
 @_configure(_fetch_args)
 def fetch(args: argparse.Namespace) -> None:
-    from fcnseg.data.prepare import prepare_voc
+    from fcnseg.data.prepare import prepare_ade20k, prepare_voc
 
+    if args.dataset == "ade20k":
+        root = prepare_ade20k({"root": str(Path(args.data_dir) / "ADEChallengeData2016"), "archive": args.tarball,
+                               "mirrors": args.mirror}, args.data_dir)
+        print(f"ADE20K ready at {root} (train with data=ade20k)")
+        return
     root = prepare_voc(args.data_dir, tarball=args.tarball, sbd=args.sbd, sbd_tarball=args.sbd_tarball)
     print(f"VOC ready at {root}")
 

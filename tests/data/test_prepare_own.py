@@ -220,3 +220,23 @@ def test_own_copy_of_a_known_layout_is_prepared_from_its_archive(tmp_path):
     np.testing.assert_array_equal(open_split(cfg, "val")[0][1], data.labels[data.splits["val"][0]])
     with pytest.raises(ConfigError, match="has no images/: it is not in the ade20k layout"):
         prepare({**cfg, "layout": "ade20k", "input": str(data.root)}, tmp_path / "data")
+
+
+def test_fcnseg_fetch_ade20k_from_a_mirror(server, ade_zip, tmp_path, monkeypatch, capsys):
+    """`fcnseg fetch --dataset ade20k --mirror URL`: the same fetcher; the test's zip stands in for the real one (its
+    MD5 replaces the pinned one, which a wrong archive given with --tarball is checked against)."""
+    from fcnseg import cli
+    from fcnseg.data import prepare as prepare_module
+    from fcnseg.data.fetch import ADE20K, Resource
+
+    wrong = tmp_path / "ADEChallengeData2016.zip"
+    wrong.write_bytes(b"not the zip")
+    with pytest.raises(SystemExit):
+        cli.main(["fetch", "--dataset", "ade20k", "--data-dir", str(tmp_path / "data"), "--tarball", str(wrong)])
+    assert "expected 7328b3957e407ddae1d3cbf487f149ef" in capsys.readouterr().err
+    monkeypatch.setattr(prepare_module, "ADE20K", Resource(ADE20K.filename, hashlib.md5(ade_zip).hexdigest(), None,
+                                                           ADE20K.urls))
+    cli.main(["fetch", "--dataset", "ade20k", "--data-dir", str(tmp_path / "data"), "--mirror", closed_port_url(),
+              "--mirror", server.url("/ADEChallengeData2016.zip")])
+    assert "ADE20K ready at" in capsys.readouterr().out
+    assert (tmp_path / "data" / "ADEChallengeData2016" / "images" / "training").is_dir()

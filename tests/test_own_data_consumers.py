@@ -23,8 +23,9 @@ from fcnseg.data.classes import VOC_CLASSES
 from fcnseg.data.dataset_spec import dataset_spec
 from fcnseg.metrics import metric_keys
 from fcnseg.runs import using_store
-from tests.own_data import (TINY_DATAMODULE, write_ade20k_dataset, write_cityscapes_dataset,
-                            write_folder_dataset)
+from tests.own_data import (SIZES, TINY_DATAMODULE, OwnData, image_for, train_ids, write_ade20k_dataset,
+                            write_cityscapes_dataset, write_folder_dataset)
+from tests.voc_layout import write_voc_layout
 
 CASES = (2, 3, 19, 150)
 
@@ -41,9 +42,24 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
+def write_voc_layout_dataset(root: Path, names: list[str]) -> OwnData:
+    """The issue's first case: a folder in the VOC layout with classes of its own (``data=voc data.root=…
+    data.class_names=[…]``)."""
+    rng = np.random.default_rng(0)
+    own = OwnData(root, "voc", names, ["data=voc", f"data.root={root}", f"data.class_names=[{','.join(names)}]"],
+                  {"train": [f"img{i}" for i in range(4)], "val": ["img4", "img5"]}, {})
+    samples = {}
+    for index, image_id in enumerate(own.splits["train"] + own.splits["val"]):
+        own.labels[image_id] = train_ids(len(names), index, SIZES[index])
+        samples[image_id] = (image_for(own.labels[image_id], len(names), rng), own.labels[image_id])
+        own.images[image_id] = root / "JPEGImages" / f"{image_id}.jpg"
+    write_voc_layout(root, samples, own.splits)
+    return own
+
+
 def write_dataset(classes: int, root: Path):
-    if classes == 2:
-        return write_folder_dataset(root / "two", num_classes=2)  # thing0, thing1: no class 0 "background"
+    if classes == 2:  # VOC layout, own classes thing0, thing1: no class 0 "background"
+        return write_voc_layout_dataset(root / "two" / "VOC2012", ["thing0", "thing1"])
     if classes == 3:
         return write_folder_dataset(root / "three", ["background", "road", "car"], mask_mode="L")
     if classes == 19:
@@ -118,10 +134,10 @@ def test_lineage_names_the_datasets_own_source(trained: dict, classes: int) -> N
     case = trained[classes]
     run = trained["client"].get_run(case["result"]["run_id"])
     urls = {json.loads(i.dataset.source)["url"] for i in run.inputs.dataset_inputs}
-    assert urls and not any("VOC" in url for url in urls)
+    assert urls and not any("VOCtrainval" in url or "robots.ox.ac.uk" in url for url in urls)
     if classes == 150:
         assert urls == {"http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"}
-    elif classes in (2, 3):  # a folder used in place
+    elif classes in (2, 3):  # a folder used in place (VOC layout or not): not data.dvc's VOC tarball
         assert urls == {f"file://{Path(case['cfg'].data.root).resolve()}"}
 
 
@@ -212,12 +228,13 @@ def test_reproduce_gets_each_dataset_from_its_own_source(trained: dict) -> None:
     from tests.tiny import ROOT
 
     scripts = {classes: plan(trained["client"], f"models:/own-{classes}/{trained[classes]['version'].version}",
-                             ROOT).script() for classes in (3, 19, 150)}
+                             ROOT).script() for classes in CASES}
     for script in scripts.values():
         assert "data.dvc" not in script.split("# then compare")[0] and "fcnseg fetch" not in script
     assert "python -m fcnseg.pipeline prepare" in scripts[150] and "data.layout=ade20k" in scripts[150]
     assert "cityscapes-dataset.com" in scripts[19] and "python -m fcnseg.pipeline prepare" in scripts[19]
-    assert "in place from" in scripts[3] and "python -m fcnseg.pipeline prepare" not in scripts[3]
+    for classes in (2, 3):  # folders read in place, the VOC-layout one included: no VOC tarball to pull
+        assert "in place from" in scripts[classes] and "python -m fcnseg.pipeline prepare" not in scripts[classes]
     notes, optional = [], {}
     steps = own_data_steps({"source": "folder", "input": "own_data"}, ["data.layout=folder"], notes, optional, 1)
     assert steps == [["dvc", "pull", "own_data.dvc"], ["python", "-m", "fcnseg.pipeline", "prepare",

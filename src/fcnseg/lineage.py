@@ -247,7 +247,12 @@ def dataset_source(data_cfg: Any, root: str | Path) -> dict[str, str]:
         md5 = dict(md5) if isinstance(md5, Mapping) else {}
         return {"url": " ".join(f"file://{Path(str(z)).resolve()}" for z in zips.values() if z),
                 "md5": " ".join(str(md5.get(key) or "") for key, z in zips.items() if z).strip()}
-    if source not in (None, "voc"):  # a folder used in place: no record of where it came from
+    if not from_voc_tarball(data_cfg):  # a folder used in place: dvc-added itself, or no record of its origin
+        from fcnseg.data.pin import dvc_tracked
+
+        tracked_root = dvc_tracked(data_cfg.get("root")) if data_cfg.get("root") else None
+        if tracked_root is not None:
+            return {"url": str(data_cfg.get("root")), "md5": tracked_root[1], "dvc_file": str(tracked_root[0])}
         return {"url": "", "md5": ""}
     pin = Path(root) / "data.dvc"
     if pin.is_file():
@@ -258,6 +263,15 @@ def dataset_source(data_cfg: Any, root: str | Path) -> dict[str, str]:
         md5 = ((spec.get("outs") or [{}])[0]).get("md5", "")
         return {"url": str(url), "md5": str(md5)}
     return {"url": "", "md5": ""}
+
+
+def from_voc_tarball(data_cfg: Any) -> bool:
+    """True when the data is PASCAL VOC from ``data.dvc``'s tarball: ``data.source`` voc and VOC's classes. A
+    VOC-layout folder of other classes (``data.root=… data.class_names=[…]``) is the user's own data."""
+    from fcnseg.data.classes import VOC_CLASSES
+
+    names = data_cfg.get("class_names")
+    return data_cfg.get("source") in (None, "voc") and (not names or tuple(str(n) for n in names) == VOC_CLASSES)
 
 
 def log_datasets(run_id: str, data_cfg: Any, root: str | Path, splits: dict[str, str]) -> None:

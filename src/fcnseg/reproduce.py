@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fcnseg.errors import FcnsegError, TrackingError, one_line
+from fcnseg.lineage import from_voc_tarball
 from fcnseg.runs import auth_problem
 
 LOCAL_KEYS = ("paths.", "tracking.tracking_uri", "tracking.run_name", "ckpt_path")
@@ -180,7 +181,7 @@ def plan(client, model_uri: str, root: Path) -> Plan:
     source = data.get("source")
     if source == "synthetic":
         notes.append(f"synthetic data: training regenerates it from seed {(data.get('synthetic') or {}).get('seed')}")
-    elif source in (None, "voc"):
+    elif from_voc_tarball(data):
         data_dir = str((logged.get("paths") or {}).get("data_dir", "data"))
         optional[len(commands)] = "from the team's DVC remote; without one, fcnseg fetch downloads it"
         commands.append(["dvc", "pull", "data.dvc"])
@@ -221,8 +222,13 @@ def own_data_steps(data: dict[str, Any], overrides: list[str], notes: list[str],
                      f"{CITYSCAPES_LOGIN} to {', '.join(str(z) for z in zips.values() if z) or 'data.zips.*'}; "
                      f"prepare checks them (data.md5.*) and extracts them")
         return [prepare]
-    notes.append(f"the run read its {source or 'own'} data in place from {data.get('root')}, which no DVC file tracks: "
-                 f"put the same data there first (or track it with `dvc add` and set data.input)")
+    from fcnseg.data.pin import dvc_tracked
+
+    if data.get("root") and dvc_tracked(data["root"]) is not None:  # `dvc add` of the data folder itself
+        optional[first] = "from the team's DVC remote; without one, the data must already be there"
+        return [["dvc", "pull", f"{data['root']}.dvc"]]
+    notes.append(f"the run read its own data in place from {data.get('root')}, which no DVC file tracks: put the "
+                 f"same data there first (or track it with `dvc add` and set data.input)")
     return commands
 
 

@@ -240,3 +240,27 @@ def test_reproduce_gets_each_dataset_from_its_own_source(trained: dict) -> None:
     assert steps == [["dvc", "pull", "own_data.dvc"], ["python", "-m", "fcnseg.pipeline", "prepare",
                                                        "data.layout=folder"]]
     assert "DVC remote" in optional[1]
+
+
+def test_predict_and_evaluate_read_the_checkpoints_own_dataset(trained: dict, tmp_path) -> None:
+    """`fcnseg predict` writes label PNGs in Cityscapes' colours with a legend of its names; `fcnseg evaluate`
+    without a data config reads the split as the model's dataset says (Cityscapes labelIds mapped to trainIds)."""
+    from fcnseg.evaluate import evaluate_segmenter
+    from fcnseg.export import metadata_for
+    from fcnseg.inference import Segmenter
+    from fcnseg.predict import predict_files
+
+    case = trained[19]
+    segmenter = Segmenter.from_checkpoint(case["result"]["best_checkpoint"], device="cpu")
+    image = next(iter(case["own"].images.values()))
+    summary = predict_files([image], segmenter, tmp_path / "out", progress=False)
+    mask_path, overlay_path = summary.written[0]
+    with Image.open(mask_path) as png:
+        palette = np.asarray(png.getpalette(), np.uint8).reshape(-1, 3)
+    np.testing.assert_array_equal(palette[:19], case["spec"].palette)
+    assert Image.open(overlay_path).width > Image.open(image).width  # the legend of the classes present
+    assert metadata_for(segmenter)["class_names"] == case["own"].class_names  # what an ONNX export carries
+    report = evaluate_segmenter(segmenter, case["cfg"].data.root, "val")
+    assert report.class_names == case["own"].class_names and report.results["confusion_matrix"].shape == (19, 19)
+    valid = sum(int((case["own"].labels[stem] != 255).sum()) for stem in case["own"].splits["val"])
+    assert int(report.results["confusion_matrix"].sum()) == valid  # labelIds 4, 9, 29 ignored, the rest mapped

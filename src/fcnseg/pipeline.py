@@ -44,7 +44,7 @@ def check_backbone(cfg: DictConfig) -> None:
     """The backbone weights training will load are there (torchvision's ImageNet VGG16 fetched into torch's cache,
     or a local file), else one line: checked before the stage touches the previous run."""
     weights = cfg.model.net.get("backbone_weights")
-    if weights is None:
+    if weights is None or cfg.model.get("finetune_from"):  # fine-tuning copies the backbone from its source
         return
     if weights != "imagenet":
         if not Path(str(weights)).is_file():

@@ -240,3 +240,19 @@ def test_fcnseg_fetch_ade20k_from_a_mirror(server, ade_zip, tmp_path, monkeypatc
               "--mirror", server.url("/ADEChallengeData2016.zip")])
     assert "ADE20K ready at" in capsys.readouterr().out
     assert (tmp_path / "data" / "ADEChallengeData2016" / "images" / "training").is_dir()
+
+
+def test_data_version_of_own_data_without_dvc_tells_folders_apart(tmp_path, monkeypatch):
+    """A folder used in place (no .dvc file, no marker): its version follows its files and split lists; two
+    different folders never share one. A `dvc add`-tracked data.root gives its DVC hash."""
+    from fcnseg import lineage
+
+    monkeypatch.chdir(tmp_path)  # no dvc.lock here
+    first = write_folder_dataset(tmp_path / "first").root
+    second = write_folder_dataset(tmp_path / "second", num_train=3).root
+    version = lineage.data_version(first)
+    assert version != lineage.data_version(second) and version == lineage.data_version(first)
+    (first / "splits" / "val.txt").write_text("scene_005\n")
+    assert lineage.data_version(first) != version
+    (tmp_path / "second.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: second\n")
+    assert lineage.data_version(second) == "0123456789abcdef0123456789abcdef.dir"

@@ -149,10 +149,13 @@ def test_cityscapes_without_zips_says_it_needs_a_login(tmp_path, capsys):
     message = str(err.value)
     assert "\n" not in message and "needs a login" in message and "leftImg8bit_trainvaltest.zip" in message
     assert "data.zips.leftImg8bit" in message
-    # without data.md5 the zips are hashed and the MD5 printed, to pin
+    # the published MD5s are checked by default: the test's zips are refused, naming the file and both MD5s
     zips = cityscapes_zips(tmp_path)
     cfg = {**cfg, "zips": {k: str(p) for k, p in zips.items()}}
-    prepare(cfg, tmp_path / "data")
+    with pytest.raises(FetchError, match="expected 0a6e97e94b616a514066c9e2adb0c97f"):
+        prepare(cfg, tmp_path / "data")
+    # data.md5.*=null: the zips are hashed and the MD5 printed, to pin
+    prepare({**cfg, "md5": {"leftImg8bit": None, "gtFine": None}}, tmp_path / "data")
     assert f"data.md5.gtFine={hashlib.md5(zips['gtFine'].read_bytes()).hexdigest()}" in capsys.readouterr().err
 
 

@@ -5,6 +5,11 @@ import os
 
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 os.environ["MPLBACKEND"] = "Agg"
+# The cores shared out between the xdist workers (and the processes their tests start, which inherit this): N
+# workers each running torch with every core's worth of OpenMP threads oversubscribe the machine, and spinning
+# OpenMP threads then cost more than they compute. A thread count set by the caller is kept.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 
 from pathlib import Path  # noqa: E402
 

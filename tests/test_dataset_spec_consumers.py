@@ -94,3 +94,17 @@ def test_the_gate_compares_only_models_of_the_same_classes(champion_classes, dec
     assert result.decision == decision
     if decision == "refused":
         assert "not the same classes" in result.reason
+
+
+def test_an_onnx_models_segmenter_names_its_dataset_from_its_metadata() -> None:
+    from types import SimpleNamespace
+
+    from fcnseg.inference import segmenter_dataset
+
+    onnx_like = SimpleNamespace(class_names=["road", "car"], palette=CITY.png_palette(),
+                                metadata={"dataset": CITY.to_metadata()})
+    assert segmenter_dataset(onnx_like).name == "city"
+    np.testing.assert_array_equal(segmenter_dataset(onnx_like).palette, CITY.palette)
+    bare = SimpleNamespace(class_names=["road", "car"], palette=CITY.png_palette())  # metadata of older exports
+    assert segmenter_dataset(bare).class_names == ("road", "car")
+    np.testing.assert_array_equal(segmenter_dataset(bare).palette, CITY.palette)

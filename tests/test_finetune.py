@@ -72,6 +72,7 @@ def test_finetuning_keeps_nothing_class_specific_even_with_as_many_classes(tmp_p
 
 def test_finetuning_from_a_registered_voc_model(tmp_path):
     from fcnseg import registry
+    from fcnseg.publish import experiment_id
     from fcnseg.serving import log_pyfunc_model
     from fcnseg.train import build_module
     import numpy as np
@@ -79,7 +80,7 @@ def test_finetuning_from_a_registered_voc_model(tmp_path):
     source = voc_checkpoint(tmp_path / "voc.ckpt", name="fcn32s")  # another variant: its backbone is all that moves
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    with using_store(uri), mlflow.start_run():
+    with using_store(uri), mlflow.start_run(experiment_id=experiment_id(client, "finetune-source")):
         model_uri = log_pyfunc_model(tmp_path / "voc.ckpt", [np.zeros((24, 32, 3), np.uint8)])
     registry.register_model(model_uri, "fcn-voc-tiny", val_mean_iou=None, data_version=None, client=client,
                             model_card=False)

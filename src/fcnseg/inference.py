@@ -167,6 +167,9 @@ def segmenter_dataset(segmenter) -> DatasetSpec:
     dataset = getattr(segmenter, "dataset", None)
     if dataset is not None:
         return dataset
+    recorded = (getattr(segmenter, "metadata", None) or {}).get("dataset")  # an ONNX model's metadata.json
+    if recorded:
+        return DatasetSpec.from_metadata(recorded)
     names = list(segmenter.class_names)
     palette = getattr(segmenter, "palette", None)
     return DatasetSpec.from_metadata({"class_names": names,

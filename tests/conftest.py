@@ -88,3 +88,16 @@ def _restore_sys_path():
     yield
     sys.path[:] = saved
 
+
+
+# Test files that take minutes (measured: `pytest --durations=0`, 2 workers), longest first. pytest-xdist hands
+# whole files to workers in collection order (--dist loadfile), so starting the longest ones first keeps one worker
+# from finishing a long file alone at the end while the other idles (longest-processing-time-first scheduling).
+LONGEST_FIRST = ("test_ddp.py", "test_dvc_experiments.py", "test_auth_server.py", "test_reliability.py",
+                 "test_team_workflow.py", "test_pipeline_e2e.py", "test_dvc_voc_pipeline.py", "test_export.py",
+                 "test_predict_cli.py", "test_import_weights.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

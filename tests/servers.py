@@ -21,6 +21,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_env() -> dict[str, str]:
+    """A tracking server's environment: MLflow 3's GenAI job runner off (fcnseg runs no server-side jobs; it would
+    start five huey consumer processes that import MLflow and poll for the whole test)."""
+    return {**subprocess_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def start_mlflow_server(db: Path, port: int, *extra_args: str) -> subprocess.Popen:
     """`mlflow server` on 127.0.0.1:port over a SQLite store, in its own process group; returns once /health
     answers (within 120 s)."""
@@ -28,7 +34,7 @@ def start_mlflow_server(db: Path, port: int, *extra_args: str) -> subprocess.Pop
         [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{db}",
          "--default-artifact-root", str(db.parent / "server-artifacts"), "--host", "127.0.0.1", "--port",
          str(port), "--workers", "1", *extra_args],
-        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        env=server_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

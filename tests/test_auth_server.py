@@ -45,7 +45,8 @@ def server(tmp_path_factory):
         "[mlflow]\ndefault_permission = READ\n"
         f"database_uri = sqlite:///{tmp / 'auth.db'}\nadmin_username = {ADMIN[0]}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    env = {**as_user(None), "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
+    env = {**as_user(None), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # as tests/servers.py
+           "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",

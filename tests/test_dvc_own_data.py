@@ -6,7 +6,6 @@ whatever prepare builds, as for VOC (tests/test_dvc_voc_pipeline.py)."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 import numpy as np
@@ -15,9 +14,7 @@ import yaml
 from PIL import Image
 
 from tests.own_data import write_folder_dataset
-from tests.test_dvc_voc_pipeline import DVC, sh
-from tests.test_pipeline_e2e import project_files
-from tests.tiny import ROOT
+from tests.test_dvc_voc_pipeline import DVC, dvc_project_copy, sh
 
 DATA_VERSION = ("from fcnseg import lineage; import json, sys; "
                 "print(json.dumps([lineage.data_version('data/own'), "
@@ -27,13 +24,7 @@ DATA_VERSION = ("from fcnseg import lineage; import json, sys; "
 @pytest.mark.slow  # ~25 s of dvc subprocesses
 def test_dvc_add_own_folder_then_repro_prepare_records_its_dvc_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("FCNSEG_EXTRACTED_CACHE", "off")
-    project = tmp_path / "project"
-    for name in project_files():
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, project / name)
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], [DVC, "config", "hydra.enabled", "true"],
-                [DVC, "config", "core.analytics", "false"]):
-        sh(project, *cmd)
+    project = dvc_project_copy(tmp_path / "project")
     data = write_folder_dataset(project / "own_data", split_files=False, num_train=5, num_val=2)
     sh(project, DVC, "add", "-q", "own_data")
     sh(project, sys.executable, "-m", "fcnseg.pipeline", "params", "data=folder",

@@ -52,15 +52,21 @@ def sh(project: Path, *args: str, mirrors: str | None = None, check: bool = True
     return result
 
 
-def pinned_project(path: Path, tarball: bytes, url: str) -> Path:
-    """The project as committed, with data.dvc pinning the test tarball at ``url`` and params.yaml composed from
-    the VOC defaults, shrunk."""
+def dvc_project_copy(path: Path) -> Path:
+    """The project's files copied to ``path``, made a git + DVC repository (nothing committed yet)."""
     for name in project_files():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, path / name)
     for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], [DVC, "config", "hydra.enabled", "true"],
                 [DVC, "config", "core.analytics", "false"]):
         sh(path, *cmd)
+    return path
+
+
+def pinned_project(path: Path, tarball: bytes, url: str) -> Path:
+    """The project as committed, with data.dvc pinning the test tarball at ``url`` and params.yaml composed from
+    the VOC defaults, shrunk."""
+    dvc_project_copy(path)
     md5 = hashlib.md5(tarball).hexdigest()
     pin = yaml.safe_load((path / "data.dvc").read_text())
     pin["deps"][0]["path"] = url

@@ -17,7 +17,7 @@ from typing import Any
 
 from fcnseg.data.dataset_spec import DatasetSpec
 from fcnseg.data.reader import LabeledImages, Sample
-from fcnseg.errors import ConfigError, DataError
+from fcnseg.errors import DataError
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 HINT = "fetch it with `dvc repro prepare` (data=ade20k), or point data.root at an ADEChallengeData2016 directory"
@@ -28,10 +28,7 @@ class ADE20KSegmentation(LabeledImages):
 
     def __init__(self, root: str | Path, split: str, transform: Callable[..., dict[str, Any]] | None = None,
                  spec: DatasetSpec | None = None) -> None:
-        self.root, self.split, self.transform = Path(root), split, transform
-        if spec is None:
-            raise ConfigError("the ADE20K layout needs its dataset spec: pass spec=dataset_spec(cfg.data)")
-        self.spec = spec
+        self._bind(root, split, transform, spec, needs="the ADE20K layout needs its dataset spec")
         folder = SPLIT_DIRS.get(split, split)
         images_dir = self.root / "images" / folder
         if not images_dir.is_dir():

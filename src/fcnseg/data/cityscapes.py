@@ -17,7 +17,7 @@ from typing import Any
 
 from fcnseg.data.dataset_spec import DatasetSpec
 from fcnseg.data.reader import LabeledImages, Sample
-from fcnseg.errors import ConfigError, DataError
+from fcnseg.errors import DataError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
@@ -31,10 +31,7 @@ class CityscapesSegmentation(LabeledImages):
 
     def __init__(self, root: str | Path, split: str, transform: Callable[..., dict[str, Any]] | None = None,
                  spec: DatasetSpec | None = None) -> None:
-        self.root, self.split, self.transform = Path(root), split, transform
-        if spec is None:
-            raise ConfigError("the Cityscapes layout needs its dataset spec: pass spec=dataset_spec(cfg.data)")
-        self.spec = spec
+        self._bind(root, split, transform, spec, needs="the Cityscapes layout needs its dataset spec")
         images_dir = self.root / "leftImg8bit" / split
         if not images_dir.is_dir():
             available = sorted(p.name for p in (self.root / "leftImg8bit").iterdir() if p.is_dir()) \

@@ -125,10 +125,7 @@ class FolderSegmentation(LabeledImages):
 
     def __init__(self, root: str | Path, split: str, transform: Callable[..., dict[str, Any]] | None = None,
                  spec: DatasetSpec | None = None) -> None:
-        self.root, self.split, self.transform = Path(root), split, transform
-        if spec is None:
-            raise ConfigError("the folder layout needs the dataset's classes: pass spec=dataset_spec(cfg.data)")
-        self.spec = spec
+        self._bind(root, split, transform, spec, needs="the folder layout needs the dataset's classes")
         if not self.root.is_dir():
             raise DataError(f"dataset root {self.root} does not exist; point data.root at a folder with images/ and "
                             "masks/ (or set data.input to the folder you track with `dvc add` and run `dvc repro "

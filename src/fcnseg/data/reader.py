@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fcnseg.data.dataset_spec import DatasetSpec
-from fcnseg.errors import DataError, one_line
+from fcnseg.errors import ConfigError, DataError, one_line
 
 
 class Sample(NamedTuple):
@@ -100,6 +100,15 @@ class LabeledImages(Dataset):
     samples: list[Sample]
     ids: list[str]
     transform: Callable[..., dict[str, Any]] | None
+
+    def _bind(self, root: str | Path, split: str, transform: Callable[..., dict[str, Any]] | None,
+              spec: DatasetSpec | None, needs: str) -> None:
+        """What every layout's reader starts with: its root, split and transform, and the spec it cannot do without
+        (``needs`` says so when it is missing)."""
+        self.root, self.split, self.transform = Path(root), split, transform
+        if spec is None:
+            raise ConfigError(f"{needs}: pass spec=dataset_spec(cfg.data)")
+        self.spec = spec
 
     def _use_samples(self, samples: list[Sample], where: str, hint: str) -> None:
         """``where``: what lists the split (for messages); ``hint``: how to restore missing files."""

@@ -37,14 +37,20 @@ def as_user(user: tuple[str, str] | None) -> dict[str, str]:
     return env
 
 
+def documented_auth_ini() -> str:
+    """The server's auth.ini exactly as docs/team.md has users write it (login cache included)."""
+    text = (ROOT / "docs" / "team.md").read_text()
+    ini = text.split("cat > auth.ini <<'INI'\n", 1)[1].split("\nINI\n", 1)[0] + "\n"
+    assert f"admin_username = {ADMIN[0]}" in ini and "auth_cache_ttl_seconds" in ini, ini
+    return ini
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auth")
     port = free_port()
-    (tmp / "auth.ini").write_text(
-        "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = sqlite:///{tmp / 'auth.db'}\nadmin_username = {ADMIN[0]}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    ini = documented_auth_ini().replace("sqlite:///mlflow-auth.db", f"sqlite:///{tmp / 'auth.db'}")
+    (tmp / "auth.ini").write_text(ini)
     env = {**as_user(None), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # as tests/servers.py
            "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}

@@ -12,30 +12,29 @@ import shlex
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-import torch
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from fcnseg.checkpointing import AtomicCheckpointIO, RelocatableCheckpoints
+from fcnseg import run_dir
 from fcnseg.cli_errors import exit_on_user_error, precheck_overrides
 from fcnseg.config import CONFIG_DIR, CONFIG_NAME
 from fcnseg.data.dataset_spec import DatasetSpec, dataset_spec
-from fcnseg.distributed import collective_failures_as_one_line, join_submitit_job
-from fcnseg.data.prepare import prepare
 from fcnseg.errors import ConfigError
-from fcnseg.models import init_from_coarser
-from fcnseg.module import SegmentationModule
-from fcnseg import run_dir
 from fcnseg.run_dir import RunDir, check_resume_config, csv_rows_before, resolve_resume_checkpoint
+
+# torch, Lightning and the net are imported where training starts, not at the top: `--help`, `--cfg job` and a
+# mistyped override answer in about a second instead of after the ~8 s those imports take
+if TYPE_CHECKING:
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import Logger
+
+    from fcnseg.module import SegmentationModule
 
 log = logging.getLogger(__name__)
 DEFAULT_OUTPUT_DIR = Path("artifacts/train")
@@ -54,6 +53,8 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
 def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
+    import torch
+
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
@@ -75,6 +76,9 @@ def build_module(cfg: DictConfig) -> SegmentationModule:
     """The LightningModule of ``cfg``: the net sized and named by the dataset's spec (``data``), then
     initialised from a coarser net (``model.init_from``) or fine-tuned from a model of another dataset
     (``model.finetune_from``)."""
+    from fcnseg.models import init_from_coarser
+    from fcnseg.module import SegmentationModule
+
     spec = dataset_spec(OmegaConf.to_container(cfg.data, resolve=True))
     if cfg.model.get("init_from") and cfg.model.get("finetune_from"):
         raise ConfigError("model.init_from (staged training, same classes) and model.finetune_from (another "
@@ -105,6 +109,8 @@ def build_module(cfg: DictConfig) -> SegmentationModule:
 def build_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> dict[str, Callback]:
     """The ``callbacks`` config group, instantiated by key; a ModelCheckpoint without a dirpath writes to the run's
     ``checkpoint_dir``. ``best_checkpoint`` is required: it is the checkpoint the run reports and registers."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     callbacks: dict[str, Callback] = {}
     for key, conf in (cfg.get("callbacks") or {}).items():
         if conf is None:  # `callbacks.lr_monitor=null` drops one, as `~callbacks.lr_monitor` does
@@ -132,6 +138,8 @@ def prepare_generated_data(cfg: DictConfig) -> None:
     rank gets here: the lock makes one process per node write it while the others wait, then find it complete."""
     if cfg.data.source != "synthetic":
         return
+    from fcnseg.data.prepare import prepare
+
     root = Path(cfg.data.root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(root.parent / f".{root.name}.lock"):
@@ -147,6 +155,11 @@ def train(cfg: DictConfig, output_dir: Path | None = None, *, evaluate: bool = T
     Under DDP every rank runs this function; only global rank 0 writes the run's files (config, results) and talks
     to MLflow, and what it does alone after training makes no collective call.
     """
+    import lightning as L
+
+    from fcnseg.checkpointing import AtomicCheckpointIO, RelocatableCheckpoints
+    from fcnseg.distributed import collective_failures_as_one_line
+
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(output_dir or resolve_output_dir(cfg))
     run = RunDir(output_dir)
@@ -165,7 +178,7 @@ def train(cfg: DictConfig, output_dir: Path | None = None, *, evaluate: bool = T
     loggers = build_loggers(cfg, output_dir) + ([logger] if logger else [])
     # RelocatableCheckpoints: no absolute path in a checkpoint, so a moved or pulled run dir resumes elsewhere
     callbacks = [*callbacks.values(), RelocatableCheckpoints(), *extra_callbacks]
-    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers,
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers,
                                      default_root_dir=str(output_dir), plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:  # the Trainer knows the global rank (torchrun, SLURM or Lightning's own launcher)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +232,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
                     "SLURM, or hydra/launcher=submitit_local here; or sweep with one command per job (`for m in "
                     "fcn32s fcn8s; do python -m fcnseg.train trainer=ddp model=$m; done`)"
                 )
+            from fcnseg.distributed import join_submitit_job
+
             join_submitit_job()
         return train(cfg)["best_score"]  # returned for Hydra sweepers
 

@@ -20,7 +20,9 @@ def run_training(overrides, timeout=600):
 
 @pytest.mark.slow
 def test_training_run_checkpoints_and_records_everything_in_mlflow(tmp_path):
-    run_training(tiny_overrides(tmp_path, epochs=2))
+    trained = run_training(tiny_overrides(tmp_path, epochs=2))
+    output = trained.stdout + trained.stderr
+    assert output.count("Seed set to") == 1 and output.count("GPU available:") == 1  # each message printed once
     out = tmp_path / "out"
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     result = json.loads((out / "train_result.json").read_text())

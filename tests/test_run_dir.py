@@ -121,3 +121,17 @@ def test_stage_run_resumes_from_the_stash_or_starts_over_with_the_old_run_set_as
     run.path.mkdir(parents=True)
     run_dir.restore_aside(run, aside)
     assert run.last.read_text() == "interrupted" and not aside.path.exists()
+
+
+def test_copying_a_run_again_into_its_stash_leaves_no_temporary_file(tmp_path):
+    # The stash's files are hard links of the run's: copying again links onto the same file, where rename() does
+    # nothing and would leave the temporary link behind at every epoch
+    run, stash = RunDir(tmp_path / "run"), RunDir(tmp_path / "stash")
+    run.checkpoints.mkdir(parents=True)
+    run.last.write_bytes(b"last")
+    (run.path / "config.yaml").write_text("seed: 1\n")
+    assert run_dir.copy_resumable(run, stash) and run_dir.copy_resumable(run, stash)
+    run.last.write_bytes(b"newer")  # in place (the same inode): still the one file in both
+    assert run_dir.copy_resumable(run, stash)
+    assert stash.last.read_bytes() == b"newer" and (stash.path / "config.yaml").is_file()
+    assert not [p.name for p in stash.path.rglob("*") if ".tmp-" in p.name]

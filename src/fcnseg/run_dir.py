@@ -221,6 +221,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
     except OSError:
         shutil.copy2(source, temp)
     os.replace(temp, target)
+    temp.unlink(missing_ok=True)  # rename() between two links of one file (copied before) does nothing, leaves temp
 
 
 def copy_resumable(source: RunDir, target: RunDir) -> bool:

@@ -337,7 +337,7 @@ def test_a_sweep_of_ddp_jobs_runs_each_as_its_own_distributed_job_under_submitit
                              f"hydra.sweep.dir={tmp_path / 'sweep'}", "model=fcn32s,fcn8s", *overrides])
     result = run(command, timeout=500)
     assert result.returncode == 0, result.stderr[-4000:]
-    logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.err"))
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.*"))  # .out and .err
     assert logs.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # each job: its 2 ranks
     runs = runs_in(tmp_path / "mlflow.db")
     assert sorted(r.data.params["model.net.name"] for r in runs) == ["fcn32s", "fcn8s"]  # one run per job

@@ -143,9 +143,12 @@ def interrupt_and_resume(project: Path, overrides: list[str], sig: int) -> None:
     while time.monotonic() < deadline and process.poll() is None and not kept:
         kept = [p for p in stashes.glob("*/checkpoints/last.ckpt")]
         time.sleep(0.2)
-    assert kept and process.poll() is None, "training ended before it could be interrupted; make it longer"
+    # the train stage itself still running (dvc goes on to other stages after it): its stash is not yet dropped
+    training = subprocess.run(["pgrep", "-s", str(process.pid), "-f", "fcnseg.pipeline train"], capture_output=True)
+    assert kept and training.returncode == 0, "training ended before it could be interrupted; make it longer"
     os.killpg(process.pid, sig)  # Ctrl-C reaches the whole foreground group; SIGKILL leaves no chance to clean up
-    process.communicate(timeout=120)
+    output = process.communicate(timeout=120)[0]
+    assert kept[0].is_file(), f"the interrupted run's stash is gone: {sorted(stashes.rglob('*'))}\n{output[-3000:]}"
     stash = kept[0].parents[1]
     interrupted_at = torch.load(kept[0], weights_only=True)["epoch"]
     run_id = json.loads((stash / "mlflow_run.json").read_text())["run_id"]

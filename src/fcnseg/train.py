@@ -183,8 +183,8 @@ def train(cfg: DictConfig, output_dir: Path | None = None, *, evaluate: bool = T
     loggers = build_loggers(cfg, output_dir) + ([logger] if logger else [])
     # RelocatableCheckpoints: no absolute path in a checkpoint, so a moved or pulled run dir resumes elsewhere
     callbacks = [*callbacks.values(), RelocatableCheckpoints(), *extra_callbacks]
-    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers,
-                                     default_root_dir=str(output_dir), plugins=[AtomicCheckpointIO()])
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, default_root_dir=str(output_dir),
+                          plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:  # the Trainer knows the global rank (torchrun, SLURM or Lightning's own launcher)
         output_dir.mkdir(parents=True, exist_ok=True)
         if not resume_from or changed_keys:  # the config the checkpoints were trained with

@@ -25,21 +25,10 @@ from fcnseg.metrics import metric_keys
 from fcnseg.runs import using_store
 from tests.own_data import (SIZES, TINY_DATAMODULE, OwnData, image_for, train_ids, write_ade20k_dataset,
                             write_cityscapes_dataset, write_folder_dataset)
+from tests.tiny import compose
 from tests.voc_layout import write_voc_layout
 
 CASES = (2, 3, 19, 150)
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fcnseg.config import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
 
 
 def write_voc_layout_dataset(root: Path, names: list[str]) -> OwnData:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.servers import free_port, start_mlflow_server, stop
-from tests.tiny import ROOT, subprocess_env, tiny_overrides, train_command
+from tests.tiny import ROOT, subprocess_env, tiny_overrides, train_command, train_in_process
 
 
 def final_val_metrics(out: Path) -> dict[str, float]:
@@ -32,9 +32,8 @@ def final_val_metrics(out: Path) -> dict[str, float]:
 def test_training_killed_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(tmp_path):
     epochs = 3
     common = ["data.synthetic.num_train=48", "data.datamodule.num_workers=2"]  # several steps per epoch, workers
-    reference = tmp_path / "reference"
-    subprocess.run(train_command(tiny_overrides(reference, epochs=epochs) + common), cwd=ROOT,
-                   env=subprocess_env(), check=True, capture_output=True, timeout=600)
+    reference = tmp_path / "reference"  # uninterrupted, in-process: only the killed run needs its own process
+    train_in_process(tiny_overrides(reference, epochs=epochs) + common)
 
     resumed = tmp_path / "resumed"
     command = train_command(tiny_overrides(resumed, epochs=epochs) + common)

@@ -54,3 +54,25 @@ def subprocess_env() -> dict[str, str]:
                  "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)
     return env
+
+
+def compose(overrides: list[str]):
+    """The config ``python -m fcnseg.train <overrides>`` trains with, composed in this process (as its
+    ``@hydra.main`` does: conf/, version_base 1.3)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fcnseg.config import CONFIG_DIR, CONFIG_NAME
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(CONFIG_NAME, overrides=list(overrides))
+
+
+def train_in_process(overrides: list[str]) -> dict:
+    """``fcnseg.train.train`` on ``overrides`` in this process, for tests where the training is an input, not what is
+    tested: the same function the entry point calls, without paying for a new interpreter's imports."""
+    from fcnseg.train import train
+
+    return train(compose(overrides))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from importlib.metadata import packages_distributions
+from importlib.metadata import PackageNotFoundError, packages_distributions
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
@@ -60,16 +60,35 @@ BUNDLED_MODULES = (
     "data/__init__.py", "data/classes.py", "data/dataset_spec.py", "data/transforms.py", "data/voc.py",
     "models/__init__.py", "models/fcn.py", "models/weights.py", "models/checkpoint.py", "runs.py",
 )
-# Top-level modules those modules import (albumentations + OpenCV normalise the input as evaluation does).
-REQUIRED_MODULES = ("torch", "numpy", "pandas", "PIL", "albumentations", "cv2")
+# Top-level modules those modules import (albumentations + OpenCV normalise the input as evaluation does), each with
+# the PyPI distributions that can provide it, most likely first (cv2 comes from one of OpenCV's four wheels).
+REQUIRED_MODULES = {"torch": ("torch",), "numpy": ("numpy",), "pandas": ("pandas",), "PIL": ("pillow",),
+                    "albumentations": ("albumentations",),
+                    "cv2": ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
+                            "opencv-contrib-python")}
 
 
 def pinned_requirements() -> list[str]:
-    """``name==version`` of the distribution installed here for each required module (cv2 may come from
-    opencv-python or opencv-python-headless); local tags such as ``+cpu`` dropped: PyPI has none."""
-    providers = packages_distributions()
-    names = [(providers.get(module) or [module])[0] for module in REQUIRED_MODULES]
-    return [f"{name}=={installed_version(name).split('+')[0]}" for name in names]
+    """``name==version`` of the distribution installed here for each required module; local tags such as ``+cpu``
+    dropped: PyPI has none. Looked up by name: mapping every installed distribution's files to its modules
+    (``packages_distributions``) costs about a second per logged model, and is only the fallback."""
+    pins = []
+    for module, candidates in REQUIRED_MODULES.items():
+        name, found = _installed(candidates)
+        if found is None:
+            name = (packages_distributions().get(module) or [module])[0]
+            found = installed_version(name)
+        pins.append(f"{name}=={found.split('+')[0]}")
+    return pins
+
+
+def _installed(names: tuple[str, ...]) -> tuple[str | None, str | None]:
+    for name in names:
+        try:
+            return name, installed_version(name)
+        except PackageNotFoundError:
+            continue
+    return None, None
 
 
 def bundle_code(destination: Path, modules=None) -> Path:

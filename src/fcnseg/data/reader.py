@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
 from fcnseg.data.dataset_spec import DatasetSpec
 from fcnseg.errors import ConfigError, DataError, one_line
@@ -87,8 +86,11 @@ def label_problem(spec: DatasetSpec, stored: np.ndarray, mapped: np.ndarray) -> 
            f"the {ignore}; fix the label or {key}"
 
 
-class LabeledImages(Dataset):
+class LabeledImages:
     """Items are ``(image uint8 HxWx3 RGB, mask uint8 HxW training ids)``, or ``transform(image=, mask=)``'s pair.
+
+    A map-style dataset (``__len__`` and ``__getitem__``: all a torch ``DataLoader`` asks for) that does not subclass
+    torch's ``Dataset``, so that listing a split (the register stage's lineage, ``fcnseg reproduce``) imports no torch.
 
     Subclasses find the split's :class:`Sample` list and call :meth:`_use_samples`; ``spec`` is the dataset.
     ``transform`` is an albumentations ``Compose`` (see :mod:`fcnseg.data.transforms`), applied after the label

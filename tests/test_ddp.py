@@ -72,8 +72,7 @@ def with_tiny_sizes(command: list[str], tmp: Path, **kwargs) -> list[str]:
     return command + [o for o in tiny_overrides(tmp, **kwargs) if o.split("=", 1)[0] not in keys]
 
 
-def check_one_run_with_exact_metrics(tmp_path: Path, output: str, voc: Path, ranks: int, epochs: int = 2,
-                                     out: Path | None = None) -> None:
+def check_one_run_with_exact_metrics(tmp_path: Path, output: str, voc: Path, ranks: int, epochs: int = 2) -> None:
     from fcnseg.evaluate import evaluate_checkpoint
 
     assert output.count("Initializing distributed: GLOBAL_RANK") == ranks
@@ -82,7 +81,7 @@ def check_one_run_with_exact_metrics(tmp_path: Path, output: str, voc: Path, ran
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     history = client.get_metric_history(mlflow_run.info.run_id, "val/mean_iou")
     assert len({m.step for m in history}) == len(history) >= epochs  # one value per validation, not one per rank
-    out = out or tmp_path / "out"
+    out = tmp_path / "out"
     recorded = json.loads((out / "mlflow_run.json").read_text())
     trained = json.loads((out / "train_result.json").read_text())
     assert recorded["run_id"] == trained["run_id"] == mlflow_run.info.run_id and trained["model_uri"]
@@ -93,35 +92,22 @@ def check_one_run_with_exact_metrics(tmp_path: Path, output: str, voc: Path, ran
     assert abs(max(m.value for m in history) - trained["best_score"]) < 1e-6
 
 
-@pytest.mark.parametrize("launcher,ranks", [("lightning", 2), ("torchrun", 3)])
+@pytest.mark.parametrize("ranks", [2, 3])
 def test_the_documented_ddp_command_with_every_default_logs_once_and_matches_a_single_process_evaluate(
-        tmp_path, launcher, ranks):
+        tmp_path, ranks):
     # The docs' CPU DDP line as written (progress bar on: Rich, Lightning's default when rich is installed; the
-    # default callbacks and loggers), on 13 val images of different sizes, which no rank count here divides: started
-    # as the docs show, by Lightning's own launcher (2 processes) and by `torchrun --standalone` (3 processes).
+    # default callbacks and loggers), on 13 val images of different sizes, which no rank count here divides.
     command = documented_command("python -m fcnseg.train experiment=quickstart trainer=ddp")
     command = [f"trainer.devices={ranks}" if arg.startswith("trainer.devices=") else arg for arg in command]
     voc = varied_voc(tmp_path / "VOC2012")
     overrides = with_tiny_sizes(command, tmp_path) + [
         "data.source=voc", f"data.root={voc}", "data.datamodule.train_transform.crop_size=32",
         "data.datamodule.batch_size=2", "data.datamodule.val_batch_size=4"]  # log_every_n_steps=1: below an epoch
-    if launcher == "torchrun":
-        # No paths.output_dir: Hydra would give each rank its own time-stamped dir; the launcher's run id joins them
-        documented = documented_command("torchrun --standalone --nproc-per-node", page="docs/multi-gpu.md")
-        assert documented[1:3] == ["-m", "fcnseg.train"], documented  # the launch form used here
-        overrides = [o for o in overrides if not o.startswith("paths.output_dir=")]
-        result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-                      "-m", "fcnseg.train", *overrides], cwd=tmp_path)
-    else:
-        result = run(train_command(overrides))
+    result = run(train_command(overrides))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "━" in result.stdout  # Rich's progress bar really drew (on rank 0)
-    out = None
-    if launcher == "torchrun":
-        [out] = list((tmp_path / "outputs").iterdir())  # one run dir for all ranks, named by the launcher's run id
-        assert out.name.startswith("torchrun-"), out
-    check_one_run_with_exact_metrics(tmp_path, output, voc, ranks, out=out)
+    check_one_run_with_exact_metrics(tmp_path, output, voc, ranks)
 
 
 def test_a_rank_slower_than_the_collective_timeout_ends_the_job_with_the_one_line(tmp_path):
@@ -142,6 +128,22 @@ def test_a_rank_slower_than_the_collective_timeout_ends_the_job_with_the_one_lin
                    f"paths.output_dir={tmp_path / 'out'}"):
         assert needle in lines[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_torchrun_ranks_share_one_run_dir_and_one_mlflow_run(tmp_path):
+    # No paths.output_dir: Hydra would give each rank its own time-stamped dir; the launcher's run id joins them.
+    overrides = [o for o in ddp_overrides(tmp_path, epochs=1) if not o.startswith("paths.output_dir=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "fcnseg.train", *overrides]
+    result = run(command, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dirs = list((tmp_path / "outputs").iterdir())
+    assert len(run_dirs) == 1 and run_dirs[0].name.startswith("torchrun-"), run_dirs
+    assert (run_dirs[0] / "checkpoints" / "best.ckpt").is_file() and (run_dirs[0] / "train_result.json").is_file()
+    assert len(runs_in(tmp_path / "mlflow.db")) == 1
+    # the synthetic data was written once (under a lock), whole: no leftover temporary copies
+    assert [p.name for p in (tmp_path / "data" / "synthetic").iterdir() if not p.name.startswith(".")] == ["VOC2012"]
+    assert not [p for p in (tmp_path / "data" / "synthetic").iterdir() if ".tmp-" in p.name]
 
 
 def test_multirun_with_ddp_is_refused_in_one_line(tmp_path):
@@ -228,10 +230,6 @@ def test_kill_9_of_one_rank_ends_the_job_within_a_minute_and_the_same_command_re
     process.communicate(timeout=90)
     assert time.monotonic() - killed < 60
     assert process.returncode != 0
-
-    # the synthetic data both ranks asked for was written once (under a lock), whole: no leftover temporary copy
-    assert [p.name for p in (tmp_path / "data" / "synthetic").iterdir() if not p.name.startswith(".")] == ["VOC2012"]
-    assert not [p for p in (tmp_path / "data" / "synthetic").iterdir() if ".tmp-" in p.name]
 
     resumed = run(command)  # the same command, unchanged
     assert resumed.returncode == 0, resumed.stderr[-4000:]

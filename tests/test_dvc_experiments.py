@@ -9,7 +9,7 @@ quick-start settings; the copy is shared by the tests of this module, in order):
 - `fcnseg reproduce` of an experiment's version prints `dvc exp apply <name>` + `dvc repro`, and --run rebuilds it
   to the same metrics; no MLflow progress bar in its output;
 - an interrupted `dvc exp run` (SIGKILL, then, rerun, Ctrl-C), rerun, resumes from its last checkpoint into the same
-  MLflow run each time.
+  MLflow run each time; trained after an uncommitted source change, its version is marked dirty.
 """
 
 from __future__ import annotations
@@ -174,8 +174,11 @@ LONG = ["model=fcn8s", "trainer.max_epochs=4", "data.synthetic.num_train=48"]
 def test_an_experiment_killed_then_interrupted_with_ctrl_c_resumes_each_time_into_the_same_mlflow_run(
         fresh_project):
     # One experiment, stopped twice as users stop them: SIGKILL (no chance to clean up) in epoch 1, then, resumed,
-    # Ctrl-C (SIGINT to the foreground group: dvc and the stage) in epoch 2; the third run finishes it.
+    # Ctrl-C (SIGINT to the foreground group: dvc and the stage) in epoch 2; the third run finishes it. It trains
+    # after a real uncommitted source change (not one DVC's experiment applied): its version stays dirty.
     project, command = fresh_project, [DVC, "exp", "run", *sets(*LONG)]
+    edited = project / "src" / "fcnseg" / "viz.py"
+    edited.write_text(edited.read_text() + "# an uncommitted change\n")
     stash, killed_at, _ = interrupt(project, command, signal.SIGKILL, after_epoch=0)
     run_id = json.loads((stash / "mlflow_run.json").read_text())["run_id"]
 
@@ -194,3 +197,10 @@ def test_an_experiment_killed_then_interrupted_with_ctrl_c_resumes_each_time_int
     assert client.get_run(run_id).info.status == "FINISHED"
     assert {int(m.value) for m in client.get_metric_history(run_id, "epoch")} == {0, 1, 2, 3}  # every epoch, once
     assert not stash.exists()  # dropped once the run finished
+
+    registered = json.loads((project / "artifacts" / "register.json").read_text())
+    version = client.get_model_version("fcn-voc", registered["version"])
+    assert version.run_id == run_id
+    assert version.tags["git_dirty"] == "true" and client.get_run(run_id).data.tags["git_dirty"] == "true"
+    assert "(working tree was dirty: not exactly reproducible)" in version.description
+    run(project, "git", "checkout", "--", str(edited))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fcnseg.cli_errors import exit_on_user_error
+from fcnseg.process_exit import run_then_exit
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
 
@@ -312,5 +313,10 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
 
 
+def console_main() -> None:
+    """The console script: ``main``, then the exit of a command that succeeded (:mod:`fcnseg.process_exit`)."""
+    run_then_exit(main)
+
+
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from fcnseg.cli_errors import exit_on_user_error
 from fcnseg.config import CONFIG_DIR, CONFIG_NAME
 from fcnseg.errors import CheckpointError, ConfigError, FcnsegError
+from fcnseg.process_exit import run_then_exit
 from fcnseg.run_dir import RunDir
 from fcnseg.runs import read_metrics_csv
 
@@ -227,4 +228,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

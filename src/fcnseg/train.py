@@ -26,6 +26,7 @@ from fcnseg.cli_errors import exit_on_user_error, precheck_overrides
 from fcnseg.config import CONFIG_DIR, CONFIG_NAME
 from fcnseg.data.dataset_spec import DatasetSpec, dataset_spec
 from fcnseg.errors import ConfigError
+from fcnseg.process_exit import run_then_exit
 from fcnseg.run_dir import RunDir, check_resume_config, csv_rows_before, resolve_resume_checkpoint
 
 # torch, Lightning and the net are imported where training starts, not at the top: `--help`, `--cfg job` and a
@@ -289,5 +290,10 @@ def main() -> None:
     hydra_main()
 
 
+def console_main() -> None:
+    """The console script: ``main``, then the exit of a command that succeeded (:mod:`fcnseg.process_exit`)."""
+    run_then_exit(main)
+
+
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

@@ -27,9 +27,10 @@ MIN_ARGMAX_AGREEMENT = 0.999
 MAX_ABS_DIFF = 1e-3  # relative to the largest |logit| (at least 1)
 OPSET = 17
 
-# What the ONNX model's code needs (all torch-free), relative to the fcnseg package
-ONNX_BUNDLED_MODULES = ("__init__.py", "errors.py", "image_io.py", "serving_io.py", "serving_guard.py",
-                        "onnx_model.py", "tta_spec.py", "data/__init__.py", "data/classes.py")
+# What the ONNX model's code needs (all torch-free), relative to the fcnseg package (the package's __init__ imports
+# process_exit)
+ONNX_BUNDLED_MODULES = ("__init__.py", "process_exit.py", "errors.py", "image_io.py", "serving_io.py",
+                        "serving_guard.py", "onnx_model.py", "tta_spec.py", "data/__init__.py", "data/classes.py")
 ONNX_REQUIREMENTS = ("onnxruntime", "numpy", "pillow")
 
 

@@ -53,10 +53,10 @@ class FCNSegmenter(mlflow.pyfunc.PythonModel):
 
 
 # What the model's code needs at inference (checked by tests/test_model_portability.py, which loads the model in a
-# Python where the project is not importable): paths relative to the fcnseg package.
+# Python where the project is not importable): paths relative to the fcnseg package (its __init__ imports process_exit).
 BUNDLED_MODULES = (
-    "__init__.py", "errors.py", "serving.py", "inference.py", "viz.py", "image_io.py", "serving_io.py",
-    "serving_guard.py", "tta.py", "tta_spec.py",
+    "__init__.py", "process_exit.py", "errors.py", "serving.py", "inference.py", "viz.py", "image_io.py",
+    "serving_io.py", "serving_guard.py", "tta.py", "tta_spec.py",
     "data/__init__.py", "data/classes.py", "data/dataset_spec.py", "data/transforms.py", "data/voc.py",
     "models/__init__.py", "models/fcn.py", "models/weights.py", "models/checkpoint.py", "runs.py",
 )

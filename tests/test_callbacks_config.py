@@ -6,19 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from fcnseg.checkpointing import RngStateCheckpoint
-from fcnseg.config import CONFIG_DIR, CONFIG_NAME
 from fcnseg.errors import ConfigError
 from fcnseg.train import build_callbacks, build_loggers
+from tests.tiny import compose
 
 
 def composed(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=CONFIG_NAME, overrides=["experiment=quickstart", *overrides])
+    return compose(["experiment=quickstart", *overrides])
 
 
 def test_the_default_callbacks_and_loggers_are_the_ones_training_always_had(tmp_path):

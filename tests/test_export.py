@@ -38,6 +38,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
         cwd=tmp, env=single_thread_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "argmax agreement 1.00000" in result.stdout and f"registered {MODEL_NAME} version 1" in result.stdout
+    client = mlflow.MlflowClient(uri, uri)  # the export's own run, in its own experiment
+    exports = client.search_runs([client.get_experiment_by_name("fcnseg-export").experiment_id])
+    assert [run.info.run_id for run in exports] == [client.get_model_version(MODEL_NAME, "1").run_id]
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -72,7 +72,7 @@ def test_finetuning_keeps_nothing_class_specific_even_with_as_many_classes(tmp_p
 
 def test_finetuning_from_a_registered_voc_model(tmp_path):
     from fcnseg import registry
-    from fcnseg.publish import experiment_id
+    from fcnseg.runs import experiment_id
     from fcnseg.serving import log_pyfunc_model
     from fcnseg.train import build_module
     import numpy as np

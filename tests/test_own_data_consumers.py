@@ -197,7 +197,7 @@ def test_mlflow_models_serve_answers_a_150_class_model_by_its_names_and_colours(
     checkpoint = read_checkpoint(case["result"]["best_checkpoint"])
     checkpoint["state_dict"]["net.score_fr.bias"] = torch.zeros(150).index_fill_(0, torch.tensor([140]), 1e4)
     atomic_torch_save(checkpoint, tmp_path / "forced.ckpt")
-    from fcnseg.publish import experiment_id
+    from fcnseg.runs import experiment_id
 
     with using_store(trained["uri"]), mlflow.start_run(experiment_id=experiment_id(trained["client"], "forced")):
         model_uri = log_pyfunc_model(tmp_path / "forced.ckpt", [np.zeros((24, 32, 3), np.uint8)])

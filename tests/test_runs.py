@@ -53,6 +53,25 @@ def test_using_store_points_mlflow_at_a_store_for_the_block_only(tmp_path, monke
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
 
 
+
+def test_using_store_continues_a_run_whatever_experiment_the_caller_made_active(tmp_path):
+    """A notebook (or an earlier call) made an experiment of another store active: publishing to a run of this
+    store (``start_run(run_id=...)`` under ``using_store``) still works, and the caller's experiment comes back."""
+    other, uri = f"sqlite:///{tmp_path / 'other.db'}", f"sqlite:///{tmp_path / 'a.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    for name in ("first", "second"):  # the run's experiment id differs from the active one's in any store
+        runs.experiment_id(client, name)
+    run = client.create_run(runs.experiment_id(client, "second"))
+    mlflow.set_tracking_uri(other)  # what the notebook did (conftest puts MLflow's defaults back after the test)
+    active = mlflow.set_experiment("notebook").experiment_id
+    assert active != run.info.experiment_id
+    with runs.using_store(uri), mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_param("published", "yes")
+    assert client.get_run(run.info.run_id).data.params == {"published": "yes"}
+    assert mlflow.tracking.fluent._active_experiment_id == active and os.environ["MLFLOW_EXPERIMENT_ID"] == active
+    assert runs.experiment_id(client, "second") == run.info.experiment_id  # found, not made again
+
+
 def test_unreachable_server_fails_fast_in_one_line():
     uri = "http://127.0.0.1:9"  # discard port: nothing answers
     with pytest.raises(TrackingError) as info:

@@ -19,7 +19,7 @@ from fcnseg.data.classes import voc_palette
 from fcnseg.data.transforms import get_normalization
 from fcnseg.errors import CheckpointError
 from fcnseg.inference import Segmenter
-from fcnseg.runs import resolve_tracking_uri, using_store
+from fcnseg.runs import experiment_id, resolve_tracking_uri, using_store
 
 # (height, width) checked at export: tiny, odd, portrait, landscape, and a VOC-sized image
 PARITY_SIZES = ((1, 1), (7, 5), (33, 47), (64, 64), (61, 100), (375, 500))
@@ -152,9 +152,10 @@ def export_and_register(segmenter: Segmenter, out_path: str | Path, register: st
     metadata = {**metadata_for(segmenter), "parity": asdict(parity), "source": source}
     rng = np.random.default_rng(0)
     example = [rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)]
-    with using_store(resolve_tracking_uri(tracking_uri)):
-        mlflow.set_experiment("fcnseg-export")
-        with mlflow.start_run(run_name=f"export-onnx {register}"):
+    uri = resolve_tracking_uri(tracking_uri)
+    exports = experiment_id(mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), "fcnseg-export")
+    with using_store(uri):
+        with mlflow.start_run(experiment_id=exports, run_name=f"export-onnx {register}"):
             mlflow.log_params({"format": "onnx", "source": source[:500], "opset": OPSET})
             mlflow.log_metrics({"parity_max_abs_diff": parity.max_abs_diff,
                                 "parity_argmax_agreement": parity.argmax_agreement})

@@ -19,7 +19,7 @@ from fcnseg.data.layouts import open_split
 from fcnseg.evaluate import EvaluationReport, evaluate_checkpoint, write_reports
 from fcnseg.metrics import SCALAR_KEYS
 from fcnseg.runs import (
-    check_reachable, project_root, resolve_tracking_uri, using_store,
+    check_reachable, experiment_id, project_root, resolve_tracking_uri, using_store,
 )
 from fcnseg.serving import log_pyfunc_model
 
@@ -89,9 +89,3 @@ def log_imported_model(checkpoint: Path, registered_name: str, source: str, vari
                                       client=client, tags={"model": variant, "source_weights": str(source),
                                                            "run_id": run.info.run_id})
     return int(version.version)
-
-
-def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
-    """The experiment's id, created if new (without ``mlflow.set_experiment``, which changes process-wide state)."""
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)

@@ -409,8 +409,8 @@ def sync_run(output_dir: str | Path, tracking_uri: str | None = None) -> str:
     from mlflow.entities import Metric
 
     from fcnseg import lineage
-    from fcnseg.publish import experiment_id, log_training_outputs
-    from fcnseg.runs import check_reachable, config_params, resolve_tracking_uri
+    from fcnseg.publish import log_training_outputs
+    from fcnseg.runs import check_reachable, config_params, experiment_id, resolve_tracking_uri
 
     run = RunDir(Path(output_dir))
     if not run.config.is_file() or not run.metrics_csv.is_file():

@@ -66,24 +66,39 @@ def using_store(uri: str) -> Iterator[None]:
     """MLflow's fluent calls (``start_run``, ``log_model``, ``register_model``, ``pyfunc.load_model`` of
     ``models:/`` URIs) read a process-wide default tracking and registry store: make ``uri`` both for the block,
     then put back exactly what was there, environment included (``mlflow.set_*_uri`` export
-    ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``, which later subprocesses would inherit)."""
+    ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``, which later subprocesses would inherit).
+
+    An experiment made active before (``mlflow.set_experiment``, by the caller or a notebook) belongs to another
+    store, or to nothing this block does: it is set aside for the block, else ``start_run(run_id=...)`` of a run in
+    another experiment refuses ("active experiment ID does not match")."""
     import mlflow
+    from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_state
     from mlflow.tracking._tracking_service import utils as tracking_state
 
-    saved = (tracking_state._tracking_uri, registry_state._registry_uri,
-             {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+    saved = (tracking_state._tracking_uri, registry_state._registry_uri, fluent._active_experiment_id,
+             {name: os.environ.get(name) for name in names})
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        tracking_state._tracking_uri, registry_state._registry_uri = saved[0], saved[1]
-        for name, value in saved[2].items():
+        tracking_state._tracking_uri, registry_state._registry_uri, fluent._active_experiment_id = saved[:3]
+        for name, value in saved[3].items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of ``client``'s experiment ``name``, created if new (without ``mlflow.set_experiment``, which makes
+    it the whole process's active experiment)."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, str]]:

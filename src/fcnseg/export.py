@@ -27,10 +27,8 @@ MIN_ARGMAX_AGREEMENT = 0.999
 MAX_ABS_DIFF = 1e-3  # relative to the largest |logit| (at least 1)
 OPSET = 17
 
-# What the ONNX model's code needs (all torch-free), relative to the fcnseg package (the package's __init__ imports
-# process_exit)
-ONNX_BUNDLED_MODULES = ("__init__.py", "process_exit.py", "errors.py", "image_io.py", "serving_io.py",
-                        "serving_guard.py", "onnx_model.py", "tta_spec.py", "data/__init__.py", "data/classes.py")
+# What the ONNX model's code needs besides fcnseg.serving.SERVING_CORE_MODULES (all torch-free)
+ONNX_RUNTIME_MODULES = ("onnx_model.py",)
 ONNX_REQUIREMENTS = ("onnxruntime", "numpy", "pillow")
 
 
@@ -111,9 +109,9 @@ def export_onnx(segmenter: Segmenter, out_path: str | Path, sizes=PARITY_SIZES) 
 
 
 def bundle_onnx_code(destination: Path) -> Path:
-    from fcnseg.serving import bundle_code
+    from fcnseg.serving import SERVING_CORE_MODULES, bundle_code  # here: importing fcnseg.export loads no MLflow
 
-    return bundle_code(destination, ONNX_BUNDLED_MODULES)
+    return bundle_code(destination, SERVING_CORE_MODULES + ONNX_RUNTIME_MODULES)
 
 
 def log_onnx_model(onnx_path: str | Path, metadata: dict, example_images: list[np.ndarray],

@@ -52,12 +52,15 @@ class FCNSegmenter(mlflow.pyfunc.PythonModel):
                            getattr(segmenter, "palette", None))
 
 
-# What the model's code needs at inference (checked by tests/test_model_portability.py, which loads the model in a
-# Python where the project is not importable): paths relative to the fcnseg package (its __init__ imports process_exit).
-BUNDLED_MODULES = (
-    "__init__.py", "process_exit.py", "errors.py", "serving.py", "inference.py", "viz.py", "image_io.py",
-    "serving_io.py", "serving_guard.py", "tta.py", "tta_spec.py",
-    "data/__init__.py", "data/classes.py", "data/dataset_spec.py", "data/transforms.py", "data/voc.py",
+# What a served model's code needs whatever runs the net (PyTorch here, onnxruntime for fcnseg.export's model):
+# request decoding and limits, answers, class names and palettes. Paths relative to the fcnseg package (its
+# __init__ imports process_exit).
+SERVING_CORE_MODULES = ("__init__.py", "process_exit.py", "errors.py", "image_io.py", "serving_io.py",
+                        "serving_guard.py", "tta_spec.py", "data/__init__.py", "data/classes.py")
+# What this model's code needs at inference (checked by tests/test_model_portability.py, which loads the model in a
+# Python where the project is not importable).
+BUNDLED_MODULES = SERVING_CORE_MODULES + (
+    "serving.py", "inference.py", "viz.py", "tta.py", "data/dataset_spec.py", "data/transforms.py", "data/voc.py",
     "models/__init__.py", "models/fcn.py", "models/weights.py", "models/checkpoint.py", "runs.py",
 )
 # Top-level modules those modules import (albumentations + OpenCV normalise the input as evaluation does), each with

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from fcnseg import export
-from fcnseg.errors import CheckpointError
+from fcnseg.errors import CheckpointError, DataError
 from fcnseg.inference import Segmenter
 from fcnseg.onnx_model import OnnxSegmenter, normalize
 from fcnseg.data.transforms import normalize_image
@@ -107,6 +107,24 @@ def test_registered_onnx_model_needs_no_torch_and_answers_the_pytorch_schema(exp
         assert (decode_label_map(row["mask"]) == reference.predict(image)).mean() >= 0.999
     assert out["error"][2].startswith("row 2: not a readable image")
 
+
+
+def test_the_served_onnx_model_holds_no_memory_arena_unless_asked(exported: dict, monkeypatch) -> None:
+    """onnxruntime's arena would keep the largest pass's memory in the server (benchmarks/serving_load.py)."""
+    from fcnseg import onnx_model
+
+    def arena() -> bool:
+        served = mlflow.pyfunc.load_model(str(exported["local"])).unwrap_python_model()
+        return served.segmenter.session.get_session_options().enable_cpu_mem_arena
+
+    assert arena() is False
+    monkeypatch.setenv(onnx_model.MEMORY_ARENA_ENV, "1")
+    assert arena() is True
+    monkeypatch.setenv(onnx_model.MEMORY_ARENA_ENV, "yes")
+    with pytest.raises(DataError, match=r"^\$FCNSEG_ONNX_MEMORY_ARENA must be 0 or 1, got 'yes'$"):
+        onnx_model.memory_arena_from_env()
+    assert OnnxSegmenter(exported["onnx"], json.loads(next(exported["local"].rglob("metadata.json")).read_text())
+                         ).session.get_session_options().enable_cpu_mem_arena  # predict/evaluate: speed first
 
 TORCHLESS = textwrap.dedent("""
     import base64, importlib.util, io, json, sys

@@ -112,7 +112,7 @@ def test_the_documented_ddp_command_with_every_default_logs_once_and_matches_a_s
 
 def test_a_rank_slower_than_the_collective_timeout_ends_the_job_with_the_one_line(tmp_path):
     overrides = ddp_overrides(tmp_path, epochs=3) + [
-        # long enough for every rank to start (the timeout covers joining too), shorter than the stall
+        # shorter than the stall (starting the ranks has its own window, trainer.strategy.join_timeout)
         "trainer.strategy.timeout.seconds=20",
         "+callbacks.stall._target_=tests.ddp_callbacks.StallOnRank", "+callbacks.stall.seconds=32"]
     started = time.monotonic()
@@ -128,6 +128,42 @@ def test_a_rank_slower_than_the_collective_timeout_ends_the_job_with_the_one_lin
                    f"paths.output_dir={tmp_path / 'out'}"):
         assert needle in lines[-1]
     assert "Traceback" not in result.stderr
+
+
+
+def start_node(overrides: list[str], node_rank: int, port: int) -> subprocess.Popen:
+    """One "node" of a job started by hand (Lightning's own environment: MASTER_ADDR/PORT and NODE_RANK)."""
+    env = {**subprocess_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node_rank)}
+    return subprocess.Popen(train_command(overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_rank_starting_later_than_the_collective_timeout_joins_and_one_that_never_comes_ends_in_one_line(tmp_path):
+    # Lightning starts the other ranks only once rank 0 reaches fit, so they join late by their whole start-up (and
+    # nodes started by hand, later still): that is trainer.strategy.join_timeout's, not the collective timeout's.
+    def two_nodes(tmp: Path) -> list[str]:
+        overrides = [o for o in ddp_overrides(tmp, epochs=1) if not o.startswith("trainer.devices=")]
+        return overrides + ["trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy.timeout.seconds=5"]
+
+    alone = start_node(two_nodes(tmp_path / "alone") + ["trainer.strategy.join_timeout.seconds=5"], 0, free_port())
+    _, stderr = alone.communicate(timeout=200)
+    assert alone.returncode == 2, stderr[-3000:]
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: rank 0 of 2: the training processes did not all start and reach each other "
+                           "within trainer.strategy.join_timeout.seconds=5 ("), last
+    assert "Traceback" not in stderr and not (tmp_path / "alone" / "out" / "checkpoints").exists()
+
+    overrides = two_nodes(tmp_path)
+
+    port = free_port()
+    first = start_node(overrides, 0, port)
+    _wait_for(tmp_path / "out" / "config.yaml", first, timeout=200)  # rank 0 writes it just before fit
+    time.sleep(7)  # rank 0 is waiting for rank 1, longer than the 5-s collective timeout, before rank 1 even starts
+    second = start_node(overrides, 1, port)
+    outputs = [node.communicate(timeout=300) for node in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], "\n".join(err[-3000:] for _, err in outputs)
+    [mlflow_run] = runs_in(tmp_path / "mlflow.db")
+    assert json.loads((tmp_path / "out" / "train_result.json").read_text())["run_id"] == mlflow_run.info.run_id
 
 
 def test_torchrun_ranks_share_one_run_dir_and_one_mlflow_run(tmp_path):

@@ -161,6 +161,10 @@ def train(cfg: DictConfig, output_dir: Path | None = None, *, evaluate: bool = T
     checkpoint_dir = run.checkpoints
     resume_from = resolve_resume_checkpoint(cfg.ckpt_path, run)
     changed_keys = check_resume_config(cfg, run, resume_from) if resume_from else []  # refuses before the imports
+    if cfg.tracking.enabled:  # a tracking server that does not answer: said now, not after the imports and set-up
+        from fcnseg.runs import check_reachable, resolve_tracking_uri
+
+        check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))
 
     import lightning as L
 

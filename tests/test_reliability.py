@@ -145,10 +145,10 @@ def test_unreachable_tracking_server_is_reported_within_seconds(tmp_path):
 
 
 @pytest.mark.slow
-def test_tracking_server_gone_mid_run_training_finishes_locally_and_syncs_later(tmp_path):
+def test_tracking_server_gone_mid_run_training_finishes_locally_and_syncs_later(tmp_path, mlflow_store_template):
     db, port = tmp_path / "server.db", free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = start_mlflow_server(db, port)
+    server = start_mlflow_server(db, port, template=mlflow_store_template)
     overrides = [o for o in tiny_overrides(tmp_path, epochs=3) if not o.startswith("tracking.tracking_uri=")]
     overrides += [f"tracking.tracking_uri={uri}", "data.synthetic.num_train=32"]
     process = subprocess.Popen(train_command(overrides), cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,

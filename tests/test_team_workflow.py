@@ -43,9 +43,9 @@ def shell(cwd: Path, uri: str, *args: str, timeout: int = 1200) -> subprocess.Co
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, mlflow_store_template):
     port = free_port()
-    process = start_mlflow_server(tmp_path / "server.db", port)
+    process = start_mlflow_server(tmp_path / "server.db", port, template=mlflow_store_template)
     yield f"http://127.0.0.1:{port}"
     stop(process)
 

@@ -19,6 +19,7 @@ def run_training(overrides, timeout=600):
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_mlflow_store  # a user's first run: training creates and migrates the store itself
 def test_training_run_checkpoints_and_records_everything_in_mlflow(tmp_path):
     trained = run_training(tiny_overrides(tmp_path, epochs=2))
     output = trained.stdout + trained.stderr

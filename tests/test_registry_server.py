@@ -3,6 +3,10 @@ makes promoters wait for each other, concurrent promotions leave one consistent 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import mlflow
@@ -70,6 +74,49 @@ def test_concurrent_promotions_over_http_leave_one_consistent_champion(server, t
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
     assert_serial_history(server["client"], name, v1, a, b)
+
+
+HAMMER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from fcnseg.registry import client_for
+    from fcnseg.registry.locks import server_lock
+    uri, name, log, ready, go, rounds = sys.argv[1:]
+    client = client_for(uri)
+    client.search_registered_models(max_results=1)
+    Path(ready).touch()
+    while not Path(go).exists():
+        time.sleep(0.005)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    for _ in range(int(rounds)):
+        with server_lock(client, name):
+            os.write(fd, f"in {os.getpid()}\\n".encode())
+            os.write(fd, f"out {os.getpid()}\\n".encode())
+""")
+
+
+def test_the_server_lock_excludes_and_no_contender_fails_when_a_holder_releases_mid_request(server, tmp_path) -> None:
+    """Back-to-back takes by three processes: MLflow's SQL store answers a create whose name was just deleted with
+    RESOURCE_DOES_NOT_EXIST (it re-reads the existing model to word its error); a contender must retry, not fail.
+    Without the retry this failed in 4 of 4 runs here; a promotion race in CI failed on it once."""
+    log, go, contenders, rounds = tmp_path / "log", tmp_path / "go", 3, 50
+    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, server["uri"], "fcn-http-hammer", str(log),
+                               str(tmp_path / f"ready{i}"), str(go), str(rounds)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+             for i in range(contenders)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(contenders)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 * contenders * rounds
+    for enter, leave in zip(lines[::2], lines[1::2]):  # nobody entered while another held the lock
+        assert enter.startswith("in ") and leave == "out " + enter[3:], (enter, leave)
+    assert not server["client"].search_registered_models(filter_string="name = 'fcn-http-hammer.promotion-lock'")
 
 
 def test_a_stale_lock_left_by_a_dead_promoter_is_broken(server) -> None:

@@ -51,7 +51,8 @@ def server_lock(client: mlflow.MlflowClient, name: str) -> Iterator[None]:
     """A lock any MLflow registry can hold: the registered model ``<name>.promotion-lock``.
 
     Creating a registered model is atomic on every store (its name is the table's primary key): of concurrent
-    creators exactly one succeeds, the others get RESOURCE_ALREADY_EXISTS and retry until it is deleted. A lock
+    creators exactly one succeeds, the others get RESOURCE_ALREADY_EXISTS (or RESOURCE_DOES_NOT_EXIST when the holder
+    released it mid-request) and retry until it is deleted. A lock
     older than ``LOCK_STALE_S`` (its holder died) is broken.
     """
     lock = f"{name}{LOCK_SUFFIX}"
@@ -63,7 +64,9 @@ def server_lock(client: mlflow.MlflowClient, name: str) -> Iterator[None]:
                   description="fcnseg promotion lock: held while a promotion runs; delete it if none is running")
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # MLflow's SQL store answers a duplicate name by reading the existing model (to word its error); when its
+            # holder deletes it in between, that read fails with RESOURCE_DOES_NOT_EXIST: the lock was just released.
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         try:
             held = retry(client.get_registered_model, lock)

